@@ -7,6 +7,7 @@ from fbalign._src.primitives import (
     fa_matmul,
     feedback_op,
     kp_matmul,
+    project_error,
     stop_error,
 )
 
@@ -17,6 +18,7 @@ __all__ = [
     "fa_matmul",
     "feedback_op",
     "kp_matmul",
+    "project_error",
     "stop_error",
 ]
 

@@ -366,3 +366,25 @@ def test_bad_inputs_give_clear_errors():
     model = fb.mlp((4, 3))
     with pytest.raises(ValueError, match=r"expects inputs of shape \(batch, 4\)"):
         model.forward(model.init(jax.random.PRNGKey(0)), jnp.ones((2, 5)))
+
+
+@pytest.mark.parametrize("b_shape", [(10, 7), (10, 3, 4, 2), (3,), (20, 5)])
+def test_project_error_equals_tensordot_in_every_impl(b_shape):
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal((6, b_shape[0])).astype(np.float32)
+    b = rng.standard_normal(b_shape).astype(np.float32)
+    ref = np.tensordot(e.astype(np.float64), b.astype(np.float64), axes=1)
+    for impl in ("auto", "dot", "sum"):
+        got = jax.jit(lambda e, b, impl=impl: fb.ops.project_error(e, b, impl=impl))(e, b)
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5, err_msg=impl)
+    # under vmap (an ensemble of feedback matrices), the small-contraction form batches too
+    bs = np.stack([b, 2 * b])
+    got = jax.vmap(lambda bb: fb.ops.project_error(e, bb, impl="sum"))(bs)
+    np.testing.assert_allclose(np.asarray(got[1]), 2 * ref, rtol=1e-5, atol=1e-5)
+
+
+def test_project_error_rejects_mismatched_shapes_and_unknown_impl():
+    with pytest.raises(ValueError, match=r"e has 4 entries .* b has 5"):
+        fb.ops.project_error(jnp.ones((2, 4)), jnp.ones((5, 3)))
+    with pytest.raises(ValueError, match="impl must be"):
+        fb.ops.project_error(jnp.ones((2, 4)), jnp.ones((4, 3)), impl="einsum")

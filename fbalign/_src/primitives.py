@@ -184,10 +184,44 @@ def dfa_hidden(
     )
 
 
+SMALL_CONTRACTION = 16
+
+
+def project_error(e: Array, b: Array, *, impl: Literal["auto", "dot", "sum"] = "auto") -> Array:
+    """``e @ b`` contracting ``e``'s last axis with ``b``'s first (``jnp.tensordot(e, b, 1)``).
+
+    This is the direct feedback projection of DFA-style rules (Nokland 2016): ``e`` is the
+    output error ``(batch, n_out)`` and ``b`` is ``(n_out, *hidden)``. The contraction is only
+    ``n_out`` long, which GEMM libraries handle poorly: on XLA's CPU backend a
+    ``(128, 10) @ (10, 1000)`` product ran at under 10 GFLOP/s. ``impl="sum"`` writes it as
+    ``sum_k e[:, k] * b[k]``, which XLA fuses into one elementwise loop (with whatever consumes
+    the result); ``"dot"`` is the plain contraction; ``"auto"`` (default) picks ``"sum"`` on the
+    CPU backend when the contracted axis has at most ``SMALL_CONTRACTION`` entries, else
+    ``"dot"``. Both give the same values up to float rounding.
+    """
+    if impl not in ("auto", "dot", "sum"):
+        raise ValueError(f"project_error: impl must be 'auto', 'dot' or 'sum', got {impl!r}")
+    if e.shape[-1] != b.shape[0]:
+        raise ValueError(
+            f"project_error: e has {e.shape[-1]} entries on its last axis but b has {b.shape[0]} "
+            f"on its first (e {tuple(e.shape)}, b {tuple(b.shape)}); b must be (n_out, ...)"
+        )
+    if impl == "auto":
+        small = b.shape[0] <= SMALL_CONTRACTION
+        impl = "sum" if small and jax.default_backend() == "cpu" else "dot"
+    if impl == "dot":
+        return jnp.tensordot(e, b, axes=1)
+    expand = (slice(None),) * (e.ndim - 1) + (None,) * (b.ndim - 1)
+    out = e[..., 0][expand] * b[0]
+    for k in range(1, b.shape[0]):
+        out = out + e[..., k][expand] * b[k]
+    return out
+
+
 def _tap_error(ge: Array, b: Array, gh: Array) -> Array:
     # ``e @ b`` contracting e's last axis with b's first: the plain matmul for a 2-D ``b``; for a
     # feature map, ``b`` is (n_out, *map) or flat (n_out, prod(map)) and we reshape to h's shape.
-    gx = jnp.tensordot(ge, b, axes=1)
+    gx = project_error(ge, b)
     if gx.shape != gh.shape:
         if gx.size != gh.size:
             raise ValueError(

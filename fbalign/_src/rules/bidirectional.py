@@ -22,6 +22,7 @@ from fbalign._src.base import (
 )
 from fbalign._src.channel import as_targets
 from fbalign._src.feedback_init import Initializer
+from fbalign._src.primitives import project_error
 from fbalign._src.rules.feedback_alignment import (
     DFA_ORIENTATION,
     _draw,
@@ -242,7 +243,8 @@ def bidirectional_direct_feedback_alignment(
             )
         fb = state.feedback
         out_delta = error * tape.derivs[-1]
-        updates = chain_updates(params, tape, error, lambda i, d: out_delta @ fb[i - 1])
+        updates = chain_updates(
+            params, tape, error, lambda i, d: project_error(out_delta, fb[i - 1]))
 
         t = as_targets(labels, error.shape[-1], error.dtype)
         n = t.shape[0]

@@ -17,6 +17,7 @@ from fbalign._src.base import (
 )
 from fbalign._src.channel import as_targets
 from fbalign._src.feedback_init import Initializer
+from fbalign._src.primitives import project_error
 from fbalign._src.rules.feedback_alignment import DFA_ORIENTATION, _draw, dfa_feedback_shapes
 
 
@@ -84,7 +85,7 @@ def direct_random_target_projection(
             )
         fb = state.feedback
         t = as_targets(labels, error.shape[-1], error.dtype) / error.shape[0]
-        updates = chain_updates(params, tape, error, lambda i, d: t @ fb[i - 1])
+        updates = chain_updates(params, tape, error, lambda i, d: project_error(t, fb[i - 1]))
         return updates, state
 
     return LearningRule(init_fn, update_fn)

@@ -17,6 +17,7 @@ from fbalign._src.base import (
     dense_layers,
 )
 from fbalign._src.feedback_init import Initializer, kernel_fans, resolve_initializer
+from fbalign._src.primitives import project_error
 
 FA_ORIENTATION = "B_l has the shape of W_l, (din, dout); the error goes back as delta @ B_l.T"
 DFA_ORIENTATION = "B_l has shape (n_out, n_l); hidden layer l receives e @ B_l"
@@ -151,7 +152,8 @@ def direct_feedback_alignment(
         )
         fb = state.feedback
         out_delta = error * tape.derivs[-1]
-        updates = chain_updates(params, tape, error, lambda i, d: out_delta @ fb[i - 1])
+        updates = chain_updates(
+            params, tape, error, lambda i, d: project_error(out_delta, fb[i - 1]))
         return updates, state
 
     return LearningRule(init_fn, update_fn)

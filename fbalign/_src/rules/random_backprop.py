@@ -21,6 +21,7 @@ from fbalign._src.base import (
 )
 from fbalign._src.channel import quantize
 from fbalign._src.feedback_init import Initializer, resolve_initializer
+from fbalign._src.primitives import project_error
 from fbalign._src.rules.feedback_alignment import (
     DFA_ORIENTATION,
     FA_ORIENTATION,
@@ -194,7 +195,7 @@ def random_backprop(
         out_delta = error * tape.derivs[-1]
 
         def send_back(i: int, delta: Array) -> Array:
-            s = out_delta @ fb[i - 1] if skip else delta @ fb[i].T
+            s = project_error(out_delta, fb[i - 1]) if skip else delta @ fb[i].T
             return s if error_bits is None else quantize(s, error_bits)
 
         updates = chain_updates(params, tape, error, send_back)
