@@ -1,4 +1,5 @@
-"""Learning rules: ``LearningRule(init, update[, advance])`` pure functions, and their registry."""
+"""Learning rules: ``LearningRule(init, update[, advance, feedback])`` pure functions, and their
+registry."""
 
 from fbalign._src.base import (
     EmptyState,
@@ -10,6 +11,7 @@ from fbalign._src.base import (
     chain_updates,
     check_feedback_shapes,
     check_state_dtypes,
+    rule_feedback,
 )
 from fbalign._src.feedback_init import FEEDBACK_INITS, gaussian, orthogonal, uniform
 from fbalign._src.registry import RULES, RuleSpec, get_rule, grad_form
@@ -39,6 +41,7 @@ __all__ = [
     "chain_updates",
     "check_feedback_shapes",
     "check_state_dtypes",
+    "rule_feedback",
     "dfa_feedback_shapes",
     "grad_form",
     "direct_feedback_alignment",
@@ -134,6 +137,7 @@ from fbalign._src.rules.random_backprop import (  # noqa: E402
     sparse_random_backprop,
 )
 from fbalign._src.rules.sign_symmetry import (  # noqa: E402
+    BatchRandomSignState,
     SignSymmetryState,
     brsf,
     draw_magnitude,
@@ -144,6 +148,7 @@ from fbalign._src.rules.sign_symmetry import (  # noqa: E402
 )
 
 __all__ += [
+    "BatchRandomSignState",
     "BidirectionalDirectFeedbackAlignmentState",
     "BidirectionalFeedbackAlignmentState",
     "DirectRandomTargetProjectionState",

@@ -79,16 +79,19 @@ def test_adaptive_rbp_on_lenet_matches_reference():
 
 
 def test_brsf_on_lenet_uses_the_stored_magnitudes_then_redraws():
-    """brSF: this step's error goes down through sign(W_l) * M_l with the stored magnitudes;
-    the next step's M_l are fresh |R_l|, R_l ~ U(-sqrt(3) s, sqrt(3) s), s the Glorot std of the
-    kernel (receptive field included), drawn from the step's key."""
+    """brSF: this step's error goes down through sign(W_l) * M_l with the magnitudes of the
+    stored key; the next step's M_l are fresh |R_l|, R_l ~ U(-sqrt(3) s, sqrt(3) s), s the
+    Glorot std of the kernel (receptive field included), hashed from the step's key."""
     params, x = _lenet_setup(15)
-    mags = [None] + [jnp.abs(m) for m in _rand(16, *LENET.param_shapes[1:], scale=0.3)]
-    new, sub = _one_step("brsf", params, x, fb.rules.SignSymmetryState(tuple(mags)))
+    rule = fb.brsf()
+    state = rule.init(jax.random.PRNGKey(16), params)
+    assert isinstance(state, fb.rules.BatchRandomSignState)
+    mags = fb.rules.rule_feedback(rule, params, state)
+    new, sub = _one_step("brsf", params, x, state)
     backs = [None] + [jnp.sign(params[i]["w"]) * mags[i] for i in range(1, 5)]
     assert_trees_close(new.params, _sgd(params, _lenet_reference(params, x, backs)), 2e-4, 1e-6)
-    fresh = new.rule_state.feedback
-    assert_trees_close(list(fresh), list(fb.brsf().init(sub, params).feedback), 0, 0)
+    np.testing.assert_array_equal(new.rule_state.key, sub)
+    fresh = fb.rules.rule_feedback(rule, params, new.rule_state)
     for i in range(1, 5):
         shape = LENET.param_shapes[i]
         window = int(np.prod(shape[:-2]))
@@ -99,8 +102,8 @@ def test_brsf_on_lenet_uses_the_stored_magnitudes_then_redraws():
         assert not np.allclose(m, mags[i])
     # The next step uses the new magnitudes: a second step from the same state with another key
     # draws different ones.
-    other, _ = _one_step("brsf", params, x, fb.rules.SignSymmetryState(tuple(mags)), key=1)
-    assert not np.allclose(other.rule_state.feedback[1], fresh[1])
+    other, _ = _one_step("brsf", params, x, state, key=1)
+    assert not np.allclose(fb.rules.rule_feedback(rule, params, other.rule_state)[1], fresh[1])
 
 
 def _np_conv(x, w, pad):

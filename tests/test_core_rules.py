@@ -256,8 +256,9 @@ def test_sign_symmetry_magnitudes_have_the_documented_law(distribution):
     (BioTorch's Xavier-uniform draw), normal |R| ~ half-normal (mean s sqrt(2/pi))."""
     params = fb.mlp((10, 400, 300)).init(jax.random.PRNGKey(0))
     s = 0.2
-    init = jax.jit(fb.brsf(scale=s, distribution=distribution).init)
-    m = np.asarray(init(jax.random.PRNGKey(1), params).feedback[1], np.float64)
+    rule = fb.brsf(scale=s, distribution=distribution)
+    draw = jax.jit(lambda k: fb.rules.rule_feedback(rule, params, rule.init(k, params)))
+    m = np.asarray(draw(jax.random.PRNGKey(1))[1], np.float64)
     assert m.min() >= 0 and np.sqrt(np.mean(m**2)) == pytest.approx(s, rel=0.02)
     if distribution == "uniform":
         assert m.max() < np.sqrt(3) * s and m.max() > 0.99 * np.sqrt(3) * s

@@ -605,10 +605,11 @@ def test_lenet5_rule_state_for_every_registered_rule_fits_apply():
     modes = {name: spec.grad_mode for name, spec in RULES.items() if spec.grad_mode}
     assert {"fa", "dfa", "kp", "drtp"} <= set(modes)
     for name, mode in modes.items():
-        for rule in (name, get_rule(name)):
-            state = jax.eval_shape(lambda k, p, r=rule: model.init_rule_state(r, k, p), key,
-                                   params)
-            fbk = getattr(state, "feedback", None)
+        rule_obj = get_rule(name)
+        for rule in (name, rule_obj):
+            fbk = jax.eval_shape(  # brsf's state is a key; rule_feedback hashes its magnitudes
+                lambda k, p, r=rule, o=rule_obj: fb.rules.rule_feedback(
+                    o, p, model.init_rule_state(r, k, p)), key, params)
             if mode in ("dfa", "drtp"):
                 assert fbk[-1] is None
                 assert [math.prod(b.shape) for b in fbk[:-1]] == [10 * 4704, 10 * 1600,

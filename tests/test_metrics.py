@@ -108,7 +108,7 @@ def test_update_gradient_metrics_per_layer_against_numpy():
 def _explicit(model, rule, state, x, y):
     out, tape = model.forward(state.params, x)
     err = jax.grad(lambda o: fb.cross_entropy(o, y))(out)
-    ups, _ = rule.update(state.params, state.rule_state, tape, err)
+    ups, _ = rule.update(state.params, state.rule_state, tape, err, key=state.key)
     return tape, err, ups
 
 
@@ -170,7 +170,8 @@ def test_wrong_kind_names_the_expected_shape():
         feedback_metrics(params, st.feedback, "xfa")
 
 
-@pytest.mark.parametrize("name,kind", [("fa", "fa"), ("dfa", "dfa"), ("usf", "sign")])
+@pytest.mark.parametrize("name,kind", [("fa", "fa"), ("dfa", "dfa"), ("usf", "sign"),
+                                       ("brsf", "sign")])
 def test_rule_deltas_reproduce_the_rules_own_updates(batch, name, kind):
     """The per-example deltas used by the criterion are the ones the rule itself computes."""
     x, y = batch
@@ -178,7 +179,8 @@ def test_rule_deltas_reproduce_the_rules_own_updates(batch, name, kind):
     rule = fb.get_rule(name)
     st = init_train_state(model, rule, optax.sgd(0.1), jax.random.PRNGKey(0))
     tape, err, ups = _explicit(model, rule, st, x, y)
-    deltas = rule_deltas(st.params, st.rule_state.feedback, kind, tape, err)
+    feedback = fb.rules.rule_feedback(rule, st.params, st.rule_state)  # brSF: hashed from a key
+    deltas = rule_deltas(st.params, feedback, kind, tape, err)
     for i in range(3):
         np.testing.assert_allclose(tape.inputs[i].T @ deltas[i], ups[i]["w"], rtol=1e-4,
                                    atol=1e-6)
@@ -205,7 +207,7 @@ def test_feedback_kind_by_name_and_by_shape():
     params = fb.mlp((5, 6, 6, 3)).init(jax.random.PRNGKey(0))
     k = jax.random.PRNGKey(1)
     for name, want in [("fa", "fa"), ("dfa", "dfa"), ("kp", "fa"), ("usf", "sign"),
-                       ("drtp", "dfa"), ("bp", None)]:
+                       ("drtp", "dfa"), ("bp", None), ("brsf", "sign")]:
         st = fb.get_rule(name).init(k, params)
         assert feedback_kind(name, params, st) == want, name
     assert feedback_kind(fb.feedback_alignment(), params,

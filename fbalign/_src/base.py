@@ -88,6 +88,9 @@ class AdvanceFn(Protocol):
     ) -> tuple[Updates, RuleState]: ...
 
 
+FeedbackFn = Callable[[Params, RuleState], Any]
+
+
 class LearningRule(NamedTuple):
     """A learning rule as a pair of pure functions, shaped like ``optax.GradientTransformation``.
 
@@ -105,11 +108,26 @@ class LearningRule(NamedTuple):
         and ARBP's primitives put the feedback's own update there), a PRNG key and the model's
         `LayerOp` list, and returns the final updates and the next state. The explicit
         ``update`` and ``advance`` agree on dense networks (tested).
+      feedback: None when the state stores its feedback arrays as ``state.feedback``.
+        Otherwise ``feedback(params, state)`` computes them, for rules whose state keeps a
+        recipe instead (brSF keeps the key its magnitudes are hashed from, so that no
+        weight-sized array is written every step). The ``jax.grad`` form and the diagnostics
+        read the feedback through `rule_feedback`.
     """
 
     init: InitFn
     update: UpdateFn
     advance: AdvanceFn | None = None
+    feedback: FeedbackFn | None = None
+
+
+def rule_feedback(rule: LearningRule, params: Params, state: RuleState) -> Any:
+    """The feedback a rule's ``jax.grad`` form passes to the model's ``apply``:
+    ``rule.feedback(params, state)`` if the rule computes it, else ``state.feedback`` (None when
+    the state has none, as for backprop)."""
+    if rule.feedback is not None:
+        return rule.feedback(params, state)
+    return getattr(state, "feedback", None)
 
 
 class EmptyState(NamedTuple):

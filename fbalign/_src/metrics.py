@@ -54,7 +54,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fbalign._src.base import Array, LearningRule, Params, Tape
+from fbalign._src.base import Array, LearningRule, Params, Tape, rule_feedback
 
 KINDS = ("fa", "sign", "dfa")
 # How the registered rules' feedback is laid out, by their `MLP.apply` mode.
@@ -259,15 +259,25 @@ def feedback_metrics(
 # The probe for `fit`
 
 
-def feedback_kind(rule: LearningRule | str, params: Params, rule_state: Any) -> str | None:
+def feedback_kind(
+    rule: LearningRule | str, params: Params, rule_state: Any, feedback: Any = None
+) -> str | None:
     """Guesses the feedback layout of a rule: a registered name by its `MLP.apply` mode, else
-    (a `LearningRule`, or a name without a primitive form) by the shapes of
-    ``rule_state.feedback``: ``"fa"`` or ``"dfa"``; None when there is none to read.
+    (a `LearningRule`, or a name without a primitive form) by the shapes of its feedback
+    (``feedback``, else `fbalign.rules.rule_feedback` of the rule and state): ``"fa"`` or
+    ``"dfa"``; None when there is none to read.
 
     Sign symmetry stores magnitudes of ``W``'s shape, which look like FA feedback: pass its
     registered name, or ``kind="sign"``, to `make_alignment_probe`.
     """
-    feedback = getattr(rule_state, "feedback", None)
+    if feedback is None:
+        rule_obj = rule
+        if isinstance(rule, str):
+            from fbalign._src.registry import RULES, get_rule
+
+            rule_obj = get_rule(rule) if rule in RULES else None
+        feedback = (rule_feedback(rule_obj, params, rule_state) if rule_obj is not None
+                    else getattr(rule_state, "feedback", None))
     if feedback is None or not _is_dense(params) or len(feedback) != len(params):
         return None
     if isinstance(rule, str):
@@ -339,7 +349,8 @@ def make_alignment_probe(
 
     def one(state) -> dict[str, Array]:
         params, rule_state = state.params, state.rule_state
-        k = feedback_kind(rule, params, rule_state) if kind == "auto" else kind
+        feedback = rule_feedback(rule_obj, params, rule_state)
+        k = feedback_kind(rule, params, rule_state, feedback) if kind == "auto" else kind
         if explicit:
             out, tape = model.forward(params, x)
             loss_val, err = jax.value_and_grad(lambda o: loss_fn(o, y))(out)
@@ -347,15 +358,14 @@ def make_alignment_probe(
         else:
             if grad_mode is None:
                 raise ValueError("this model has no forward(); pass grad_mode= for the probe")
-            fb = getattr(rule_state, "feedback", None)
             loss_val, updates = jax.value_and_grad(
-                lambda p: loss_fn(model.apply(p, x, fb, grad_mode), y))(params)
+                lambda p: loss_fn(model.apply(p, x, feedback, grad_mode), y))(params)
             tape = err = None
         grads = jax.grad(lambda p: loss_fn(model.apply(p, x), y))(params)
         m = {"probe_loss": loss_val}
         m.update(update_gradient_metrics(updates, grads))
         if k is not None:
-            m.update(feedback_metrics(params, rule_state.feedback, k, tape, err))
+            m.update(feedback_metrics(params, feedback, k, tape, err))
         return m
 
     def probe(state) -> dict[str, Array]:

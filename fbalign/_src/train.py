@@ -15,7 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fbalign._src.base import Array, LearningRule, Params, PRNGKey, RuleState, check_state_dtypes
+from fbalign._src.base import (
+    Array,
+    LearningRule,
+    Params,
+    PRNGKey,
+    RuleState,
+    check_state_dtypes,
+    rule_feedback,
+)
 from fbalign._src.checkpoint import (
     CHECKPOINT_DIR,
     CheckpointError,
@@ -132,7 +140,7 @@ def compute_updates(
 
     ``form="explicit"`` runs ``model.forward`` and ``rule.update`` on the recorded tape;
     ``form="grad"`` takes ``jax.grad`` of ``loss(model.apply(params, x, feedback, grad_mode,
-    **apply_kwargs))``, the primitive path (the rule state must carry ``feedback``). The state is
+    **apply_kwargs))``, the primitive path, with the feedback `rule_feedback` gives. The state is
     returned unchanged, unless the rule has an ``advance`` (`LearningRule`): then ``jax.grad``
     also differentiates the feedback and ``rule.advance`` turns that into the next state, given
     ``key`` and ``model.layer_ops()``.
@@ -147,7 +155,7 @@ def compute_updates(
         if grad_mode is None:
             raise ValueError("form='grad' needs the rule's grad_mode (use a registered rule name "
                              "or pass grad_mode=); this rule may have no primitive form")
-        feedback = getattr(rule_state, "feedback", None)
+        feedback = rule_feedback(rule, params, rule_state)
         # Label-driven modes (DRTP) read the targets in their backward pass.
         extra = {"labels": y} if grad_mode in LABEL_MODES else {}
         extra.update(apply_kwargs or {})

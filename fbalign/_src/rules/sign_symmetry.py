@@ -31,12 +31,23 @@ SIGN_ORIENTATION = (
 class SignSymmetryState(NamedTuple):
     """``feedback[l]`` is the magnitude ``M_l`` of layer ``l``'s feedback ``sign(W_l) * M_l``.
 
-    A scalar for uSF, an array of ``W_l``'s shape for frSF and brSF; ``feedback[0]`` is None
-    (nothing is sent below the input). For brSF it holds the magnitudes of the *next* update.
-    The sign is read from the current ``W_l`` at every step, so only magnitudes are stored.
+    A scalar for uSF, an array of ``W_l``'s shape for frSF; ``feedback[0]`` is None (nothing
+    is sent below the input). brSF stores a key instead (`BatchRandomSignState`). The sign
+    is read from the current ``W_l`` at every step, so only magnitudes are stored.
     """
 
     feedback: tuple[Array | None, ...]
+
+
+class BatchRandomSignState(NamedTuple):
+    """brSF's state: the key from which the magnitudes of the *next* update are hashed.
+
+    ``rule.feedback(params, state)`` gives them (a tuple like `SignSymmetryState.feedback`). Only
+    the key is stored, so a step writes no weight-sized array: the hash of the magnitudes fuses
+    into the construction of ``sign(W) * M`` inside the step.
+    """
+
+    key: PRNGKey
 
 
 
@@ -95,8 +106,9 @@ def sign_symmetry(
     * ``"uniform"`` (uSF): ``M_l = s`` one scalar per layer;
     * ``"fixed_random"`` (frSF): ``M_l = |R_l|`` drawn once by ``init``;
     * ``"batch_random"`` (brSF): ``M_l = |R_l|`` redrawn for every batch from the ``key``
-      passed to ``update`` (the magnitudes used at a step were drawn at the previous one, the
-      first by ``init``, so that the state always holds the feedback of the coming step).
+      passed to ``update``. The state (`BatchRandomSignState`) stores that key, and the
+      magnitudes of a step are hashed from the key stored at the previous one (the first from
+      ``init``'s key): ``rule.feedback(params, state)`` gives the coming step's magnitudes.
 
     ``R_l`` has i.i.d. entries of std ``s``, uniform (BioTorch's Xavier-uniform draw; the
     default) or Gaussian (``distribution``; see `draw_magnitude`). ``s`` defaults to
@@ -110,8 +122,9 @@ def sign_symmetry(
       distribution: ``"uniform"`` or ``"normal"``, the law of ``R_l`` for frSF and brSF.
 
     Returns:
-      A `LearningRule` whose state is `SignSymmetryState`. Its ``jax.grad`` form is
-      ``MLP.apply(..., feedback=state.feedback, mode="sign")``.
+      A `LearningRule` whose state is `SignSymmetryState` (`BatchRandomSignState` for brSF).
+      Its ``jax.grad`` form is ``MLP.apply(..., feedback=magnitudes, mode="sign")`` with
+      ``magnitudes = fbalign.rules.rule_feedback(rule, params, state)``.
 
     References:
       Liao, Leibo & Poggio (2016), "How important is weight symmetry in backpropagation?", AAAI.
@@ -132,7 +145,14 @@ def sign_symmetry(
             shapes = [None if s is None else () for s in shapes]
         return shapes
 
-    def init_fn(key: PRNGKey, params: Params) -> SignSymmetryState:
+    def magnitudes_of(params: Params, state: Any) -> tuple:
+        if magnitude == "batch_random":
+            return _draw_magnitudes(state.key, params, scale, distribution)
+        return state.feedback
+
+    def init_fn(key: PRNGKey, params: Params) -> SignSymmetryState | BatchRandomSignState:
+        if magnitude == "batch_random":
+            return BatchRandomSignState(key)
         if magnitude == "uniform":
             del key
             out: list[Array | None] = [None]
@@ -153,21 +173,21 @@ def sign_symmetry(
     ):
         del extra
         layers = dense_layers(params)
+        if magnitude == "batch_random" and key is None:
+            raise ValueError(
+                "brsf (batch_random magnitudes) draws new magnitudes every batch: pass key=... "
+                "to update"
+            )
+        mags = magnitudes_of(params, state)
         check_feedback_shapes(
-            state.feedback, expected_shapes(params), "sign_symmetry", SIGN_ORIENTATION,
+            mags, expected_shapes(params), "sign_symmetry", SIGN_ORIENTATION,
             dtype=layers[0][0].dtype,
         )
-        mags = state.feedback
         updates = chain_updates(
             params, tape, error, lambda i, d: d @ sign_feedback(layers[i][0], mags[i]).T
         )
         if magnitude == "batch_random":
-            if key is None:
-                raise ValueError(
-                    "brsf (batch_random magnitudes) draws new magnitudes every batch: pass "
-                    "key=... to update"
-                )
-            state = SignSymmetryState(_draw_magnitudes(key, params, scale, distribution))
+            state = BatchRandomSignState(key)
         return updates, state
 
     def advance_fn(
@@ -179,14 +199,16 @@ def sign_symmetry(
         key: PRNGKey | None = None,
         layers: Any = None,
     ):
-        # brSF's jax.grad form (mode "sign") used state.feedback; draw the next magnitudes for
+        # brSF's jax.grad form (mode "sign") used this state's magnitudes; the next are hashed for
         # every layer, dense or conv, exactly as the explicit update does.
-        del feedback_grads, layers
+        del params, state, feedback_grads, layers
         if key is None:
             raise ValueError("brsf draws new magnitudes every batch: pass key=...")
-        return updates, SignSymmetryState(_draw_magnitudes(key, params, scale, distribution))
+        return updates, BatchRandomSignState(key)
 
-    return LearningRule(init_fn, update_fn, advance_fn if magnitude == "batch_random" else None)
+    if magnitude == "batch_random":
+        return LearningRule(init_fn, update_fn, advance_fn, magnitudes_of)
+    return LearningRule(init_fn, update_fn)
 
 
 def usf(scale: float | None = None) -> LearningRule:
