@@ -1,12 +1,14 @@
 """Training harness: jitted train steps for any rule, an epoch loop, evaluation."""
 
 from fbalign._src.train import (
+    ENSEMBLE_IMPLS,
     FORMS,
     NONFINITE_MODES,
     FitResult,
     NonFiniteError,
     TrainState,
     compute_updates,
+    ensemble_step,
     evaluate,
     fit,
     init_rule_state,
@@ -15,15 +17,18 @@ from fbalign._src.train import (
     make_eval_fn,
     make_train_step,
     nonfinite_leaf_names,
+    resolve_ensemble_impl,
 )
 
 __all__ = [
+    "ENSEMBLE_IMPLS",
     "FORMS",
     "FitResult",
     "NONFINITE_MODES",
     "NonFiniteError",
     "TrainState",
     "compute_updates",
+    "ensemble_step",
     "evaluate",
     "fit",
     "init_rule_state",
@@ -32,4 +37,5 @@ __all__ = [
     "make_eval_fn",
     "make_train_step",
     "nonfinite_leaf_names",
+    "resolve_ensemble_impl",
 ]

@@ -73,4 +73,4 @@ def test_biotorch_compare_quick(tmp_path):
     text = _run("biotorch_compare", tmp_path)
     assert "same new weights in fbalign and BioTorch for bp and fa" in text
     assert "| mlp | bp |" in text and "| mlp | fa |" in text
-    assert "8 seeds vmapped" in text
+    assert "8 seeds, vmap" in text and "8 seeds, map" in text

@@ -124,6 +124,10 @@ for seeds in (8, 2):
     out[f"ens/{seeds}/mesh"] = np.asarray([m.shape["seed"], m.shape["data"]])
     out[f"ens/{seeds}/err"] = np.asarray([one.history[-1]["test_error"],
                                           many.history[-1]["test_error"]])
+# ... and with each device group looping over its seeds (ensemble_impl="map")
+looped = fit(model, "fa", opt, data, seeds=2, devices=8, ensemble_impl="map", **common)
+save("ensmap/single", one.state.params)
+save("ensmap/sharded", looped.state.params)
 
 # 5. Without the pcast helper, jax.grad of replicated params inside shard_map silently *sums*
 # the per-shard gradients: the trap data_parallel exists for (documented, so tested).
@@ -205,6 +209,11 @@ def test_seed_ensemble_sharded_across_devices(eight, seeds, mesh):
     _assert_close(eight, f"ens/{seeds}")
     e = eight[f"ens/{seeds}/err"]
     np.testing.assert_allclose(e[1], e[0], atol=1e-9)
+
+
+def test_sharded_ensemble_looping_over_seeds_equals_the_vmapped_one(eight):
+    """ensemble_impl="map" inside shard_map: each device group loops over its seeds."""
+    _assert_close(eight, "ensmap")
 
 
 def test_pcast_helper_avoids_summed_gradients(eight):

@@ -140,11 +140,11 @@ def test_digits_default_run_learns():
     assert res.history[-1]["test_error"] < 12.0
 
 
-@pytest.mark.parametrize("rule", ["fa", "dfa"])
-def test_seed_ensemble_equals_separate_runs(small, rule):
+@pytest.mark.parametrize("rule,impl", [("fa", "vmap"), ("dfa", "vmap"), ("dfa", "map")])
+def test_seed_ensemble_equals_separate_runs(small, rule, impl):
     m = fb.mlp((8, 16, 3))
     ens = fit(m, rule, optax.sgd(0.1), small, epochs=2, batch_size=32, seed=5, seeds=3,
-              progress=False)
+              progress=False, ensemble_impl=impl)
     for i in range(3):
         single = fit(m, rule, optax.sgd(0.1), small, epochs=2, batch_size=32, seed=5 + i,
                      progress=False)
@@ -156,6 +156,41 @@ def test_seed_ensemble_equals_separate_runs(small, rule):
     assert rec["seeds"] == [5, 6, 7]
     assert rec["test_error_mean"] == pytest.approx(np.mean(rec["test_error"]))
     assert rec["test_error_std"] == pytest.approx(np.std(rec["test_error"]))
+
+
+def test_ensemble_impl_choice_and_lenet_loop_equals_single_steps():
+    """auto: a loop over networks for conv nets on CPU, vmap for dense nets; a LeNet-5
+    ensemble step of either impl gives every network its own single step."""
+    from fbalign.train import TrainState, ensemble_step, make_train_step, resolve_ensemble_impl
+
+    lenet = fb.lenet5()
+    assert resolve_ensemble_impl("auto", lenet) == (
+        "map" if jax.default_backend() == "cpu" else "vmap")
+    assert resolve_ensemble_impl("auto", fb.mlp((4, 3))) == "vmap"
+    assert resolve_ensemble_impl("vmap", lenet) == "vmap"
+    with pytest.raises(ValueError, match="unknown ensemble impl 'pmap'"):
+        resolve_ensemble_impl("pmap", lenet)
+    with pytest.raises(ValueError, match="resolve 'auto'"):
+        ensemble_step(lambda s: s, "auto")
+    opt = optax.sgd(0.05)
+
+    def init(k):
+        k1, k2 = jax.random.split(k)
+        p = lenet.init(k1)
+        return TrainState(p, opt.init(p), lenet.init_rule_state("fa", k2, p), k,
+                          jnp.zeros((), jnp.int32))
+
+    keys = jax.random.split(jax.random.PRNGKey(3), 2)
+    ens = jax.vmap(init)(keys)
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 4, 28, 28, 1))
+    y = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    step = make_train_step(lenet, "fa", opt, form="grad", jit=False)
+    singles = [jax.jit(step)(init(k), x[i], y[i])[0] for i, k in enumerate(keys)]
+    for impl in ("map", "vmap"):
+        new, _ = jax.jit(ensemble_step(step, impl))(ens, x, y)
+        for i in range(2):
+            assert_trees_close(jax.tree.map(lambda a, i=i: a[i], new.params), singles[i].params,
+                               1e-5, 1e-6)
 
 
 def test_probe_runs_every_n_steps_and_is_logged(small, tmp_path):

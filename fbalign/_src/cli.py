@@ -146,8 +146,12 @@ def _add_train_args(p: argparse.ArgumentParser, rule: bool = True) -> None:
                    help=f"directory holding mnist.npz (overrides ${DATA_ENV})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--seeds", type=_positive(int), default=1,
-                   help="train K networks (seeds seed..seed+K-1) at once in one vmapped "
+                   help="train K networks (seeds seed..seed+K-1) at once in one jitted "
                         "program; reports per-seed results and mean/std (default 1)")
+    p.add_argument("--ensemble-impl", choices=("auto", "vmap", "map"), default="auto",
+                   help="how --seeds networks run in that program: vmap (batched), map (a "
+                        "loop over networks) or auto (default: map for conv nets on CPU, "
+                        "where batched convolutions are slow, else vmap)")
     p.add_argument("--log-every", type=_positive(int), default=50,
                    help="steps per device-side chunk between progress updates (default 50)")
     p.add_argument("--log-alignment-every", type=_non_negative_int, default=100, metavar="N",
@@ -394,7 +398,7 @@ def cmd_train(args) -> int:
                   rule_kwargs=_rule_kwargs(args), log_every=args.log_every, out_dir=out,
                   probe_fn=probe, probe_every=max(args.log_alignment_every, 0),
                   progress=not args.no_progress and primary, devices=devices,
-                  **reliability)
+                  ensemble_impl=getattr(args, "ensemble_impl", "auto"), **reliability)
     except NonFiniteError as err:
         print(f"fbalign: error: {err} (this run: --optimizer {args.optimizer} --lr {args.lr:g})",
               file=sys.stderr)

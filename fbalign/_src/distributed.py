@@ -290,8 +290,10 @@ def first_local(x: Array) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _local_step_fn(step: Callable, ensemble: bool) -> Callable:
-    return jax.vmap(step) if ensemble else step
+def _local_step_fn(step: Callable, ensemble: bool, impl: str = "vmap") -> Callable:
+    from fbalign._src.train import ensemble_step
+
+    return ensemble_step(step, impl) if ensemble else step
 
 
 def make_sharded_train_step(
@@ -349,9 +351,11 @@ def make_sharded_train_step(
 
 
 def make_sharded_epoch_runner(
-    step: Callable, batch_size: int, chunk: int, mesh: Mesh, ensemble: bool = False
+    step: Callable, batch_size: int, chunk: int, mesh: Mesh, ensemble: bool = False,
+    ensemble_impl: str = "vmap",
 ) -> Callable:
-    """The sharded counterpart of `fbalign.train.make_epoch_runner`.
+    """The sharded counterpart of `fbalign.train.make_epoch_runner` (``ensemble_impl`` as
+    there: how each device group runs its share of the seeds).
 
     ``run(state, x_all, y_all, perm, start)`` runs ``chunk`` steps in one ``lax.scan`` inside
     `jax.shard_map`. The dataset and permutation are replicated on every device; data shard
@@ -363,7 +367,7 @@ def make_sharded_epoch_runner(
     from fbalign._src.train import _reduce_chunk
 
     local_bs = _check_batch(batch_size, mesh)
-    one = _local_step_fn(step, ensemble)
+    one = _local_step_fn(step, ensemble, ensemble_impl)
     state_spec, _ = _specs(ensemble)
     perm_spec = P(SEED_AXIS) if ensemble else P()
 
