@@ -211,11 +211,11 @@ def project_error(e: Array, b: Array, *, impl: Literal["auto", "dot", "sum"] = "
         impl = "sum" if small and jax.default_backend() == "cpu" else "dot"
     if impl == "dot":
         return jnp.tensordot(e, b, axes=1)
-    expand = (slice(None),) * (e.ndim - 1) + (None,) * (b.ndim - 1)
-    out = e[..., 0][expand] * b[0]
+    flat = b.reshape(b.shape[0], -1)  # (n_out, units): one 2-D loop whatever b's rank
+    out = e[..., 0, None] * flat[0]
     for k in range(1, b.shape[0]):
-        out = out + e[..., k][expand] * b[k]
-    return out
+        out = out + e[..., k, None] * flat[k]
+    return out.reshape(e.shape[:-1] + b.shape[1:])
 
 
 def _tap_error(ge: Array, b: Array, gh: Array) -> Array:
