@@ -62,10 +62,11 @@ def max_pool_2x2(h: Array) -> Array:
     """2x2 max pooling with stride 2 of an NHWC map with even height and width.
 
     The same values and the same VJP as ``lax.reduce_window`` max pooling (each window's error
-    goes to its first maximum, in row-major order), computed on a reshape: the VJP is one small
-    reduction (which slot holds the first maximum) and one elementwise select. On XLA's CPU
-    backend reduce_window's select-and-scatter VJP made LeNet-5's step 1.5x slower, and the
-    tie-splitting VJP of ``jnp.max`` over the reshape 1.15x (``benchmarks/results``).
+    goes to its first maximum, in row-major order), computed on a reshape: the VJP is one
+    elementwise select over the four slots of each window, which XLA fuses with the activation
+    derivative. On XLA's CPU backend reduce_window's select-and-scatter VJP made LeNet-5's step
+    1.5x slower, the tie-splitting VJP of ``jnp.max`` over the reshape 1.15x, and a VJP that
+    first reduced to the index of the first maximum 1.06x (``benchmarks/results``).
     """
     return _blocks_2x2(h).max(axis=(2, 4))
 
@@ -78,13 +79,19 @@ def _max_pool_fwd(h):
 def _max_pool_bwd(res, g):
     h, out = res
     b = _blocks_2x2(h)
-    # Slot of each entry in its window (row-major: 0, 1, 2, 3); the error goes to the first slot
-    # holding the maximum.
-    slot = (2 * jax.lax.broadcasted_iota(jnp.int8, (1, 1, 2, 1, 2, 1), 2)
-            + jax.lax.broadcasted_iota(jnp.int8, (1, 1, 2, 1, 2, 1), 4))
-    hit = b == out[:, :, None, :, None, :]
-    first = jnp.min(jnp.where(hit, slot, jnp.int8(3)), axis=(2, 4), keepdims=True)
-    gb = jnp.where(slot == first, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+    m = out[:, :, None, :, None, :]
+    # The four slots of each window in row-major order; the error goes to the first slot that
+    # holds the maximum (the last one when none compares equal, e.g. NaN). Written slot by slot
+    # with no reduction, so that XLA fuses it into one elementwise loop with its consumer.
+    a00, a01 = b[:, :, 0:1, :, 0:1, :] == m, b[:, :, 0:1, :, 1:2, :] == m
+    a10 = b[:, :, 1:2, :, 0:1, :] == m
+    first01 = a01 & ~a00
+    first10 = a10 & ~(a00 | a01)
+    first11 = ~(a00 | a01 | a10)
+    row = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1, 2, 1), 2) == 0
+    col = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1, 2, 1), 4) == 0
+    chosen = jnp.where(row, jnp.where(col, a00, first01), jnp.where(col, first10, first11))
+    gb = jnp.where(chosen, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
     return (gb.reshape(h.shape),)
 
 
