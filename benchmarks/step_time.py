@@ -7,11 +7,12 @@
 Every variant is one jitted `fbalign.train.make_train_step` step (forward, rule, optax SGD;
 old state donated). The reference is backprop in its ``jax.grad`` form. Procedure: correctness
 checks first (explicit == grad form; FA with B = W == backprop), then compile each step (the
-compile time is reported separately), warm up, and time ``--steps`` steps per sample,
-``--repeats`` samples per variant, each paired with a backprop sample taken right before or
-after it (alternately). Reported: median step time, the median and quartiles of the paired
-ratios to backprop, the ratio of minimum times (the least disturbed samples), and XLA's FLOP
-count of the step.
+compile time is reported separately), warm up, and time ``--repeats`` samples per variant,
+each paired with a backprop sample taken right before or after it (alternately), twice: as
+`fit` runs steps (``--loop`` steps inside one jitted ``lax.scan``; the targets are judged on
+these) and as separate calls (``--steps`` calls per sample). Reported: median step time, the
+median and quartiles of the paired ratios to backprop, the ratio of minimum times (the least
+disturbed samples), and XLA's FLOP count of the step.
 
 Targets (issue 5): FA <= 1.05x BP, DFA <= 0.75x BP, Kolen-Pollack and sign symmetry <= 1.1x.
 """
@@ -182,15 +183,32 @@ def run(model_name: str, args) -> tuple[str, list[dict]]:
         fns[label] = sample
     ref = variants[0][0]
     timing = _bench.time_paired(fns, ref, args.repeats)
+    # The same steps as `fit` runs them: `--loop` steps inside one jitted lax.scan (the epoch
+    # runner's on-device loop), so no per-call launch cost is paid per step.
+    loop_fns = {}
+    for label, _, _, step, _, x, y in variants:
+        def body(s, x, y, step=step):
+            return jax.lax.scan(lambda c, _: (step(c, x, y)[0], None), s, None,
+                                length=args.loop)[0]
+
+        looped = jax.jit(body, donate_argnums=0)
+        states[label] = _bench.block(looped(states[label], x, y))  # compile + warm up
+
+        def loop_sample(label=label, looped=looped, x=x, y=y):
+            states[label] = _bench.block(looped(states[label], x, y))
+
+        loop_fns[label] = loop_sample
+    loop_timing = _bench.time_paired(loop_fns, ref, args.repeats)
     ref_flop = rows[0]["gflop"]
     for row in rows:
-        t = timing[row["label"]]
-        row.update(ms=1e3 * t["median"] / args.steps, ratio=t["ratio"], ratio_min=t["ratio_min"],
-                   iqr=(t["ratio_q1"], t["ratio_q3"]), flop_ratio=row["gflop"] / ref_flop)
+        t, lt = timing[row["label"]], loop_timing[row["label"]]
+        row.update(call_ms=1e3 * t["median"] / args.steps, call_ratio=t["ratio"],
+                   ms=1e3 * lt["median"] / args.loop, ratio=lt["ratio"],
+                   ratio_min=lt["ratio_min"], iqr=(lt["ratio_q1"], lt["ratio_q3"]),
+                   flop_ratio=row["gflop"] / ref_flop)
         target = TARGETS.get(row["rule"])
         row["target"] = target
         row["met"] = None if target is None else (row["ratio"] <= target)
-    del jax
     return "\n".join(f"- {n}" for n in notes), rows
 
 
@@ -201,10 +219,12 @@ def table(rows: list[dict]) -> str:
         return f"<= {r['target']:.2f}: {'met' if r['met'] else 'MISSED'}"
 
     return _bench.md_table(
-        ["variant", "step ms (median)", "ratio to BP (median of pairs)", "quartiles of ratio",
-         "ratio of mins", "GFLOP/step", "FLOP ratio", "compile s", "target"],
+        ["variant", "step ms in loop", "ratio to BP in loop (median of pairs)",
+         "quartiles of ratio", "ratio of mins", "step ms per call", "ratio per call",
+         "GFLOP/step", "FLOP ratio", "compile s", "target (in loop)"],
         [[r["label"], f"{r['ms']:.2f}", f"{r['ratio']:.3f}",
           f"{r['iqr'][0]:.2f}-{r['iqr'][1]:.2f}", f"{r['ratio_min']:.3f}",
+          f"{r['call_ms']:.2f}", f"{r['call_ratio']:.3f}",
           f"{r['gflop']:.3f}", f"{r['flop_ratio']:.3f}", f"{r['compile_s']:.2f}", fmt_target(r)]
          for r in rows])
 
@@ -214,13 +234,17 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (seconds)")
     p.add_argument("--models", default="mlp,lenet", help="comma-separated: mlp, lenet")
     p.add_argument("--repeats", type=int, default=None, help="samples per variant (default 21)")
-    p.add_argument("--steps", type=int, default=None, help="steps per sample (default 2)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per sample, one call each (default 2)")
+    p.add_argument("--loop", type=int, default=None,
+                   help="steps per sample inside one jitted lax.scan (default 8)")
     p.add_argument("--threads", type=int, default=None, help="XLA CPU threads (default: all)")
     p.add_argument("--out", default=None,
                    help="results directory (default benchmarks/results; --quick: none)")
     args = p.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 21)
     args.steps = args.steps or (1 if args.quick else 2)
+    args.loop = args.loop or (2 if args.quick else 8)
     out_dir = args.out or (None if args.quick else _bench.RESULTS)
     _bench.configure_threads(args.threads)
     info = _bench.machine(args.threads)
@@ -242,10 +266,16 @@ def main(argv=None) -> int:
     info["load_average_end"] = _bench.load_average()
     text = ("# Train-step time per rule, relative to backprop\n\n"
             f"`python benchmarks/step_time.py{' --quick' if args.quick else ''}` "
-            f"({args.repeats} samples of {args.steps} steps per variant, each paired with a "
-            "backprop sample taken right before or after it; optax SGD; "
-            "float32).\n\n" + _bench.machine_md(info) + "\n" + "\n".join(sections) +
-            "\nRatios are measured side by side in the same process (the machine is shared, "
+            f"({args.repeats} samples per variant, each paired with a backprop sample taken "
+            f"right before or after it; a sample is {args.loop} steps in one jitted `lax.scan` "
+            f"(in loop) or {args.steps} separate calls of the jitted step (per call); optax "
+            "SGD; float32).\n\n" + _bench.machine_md(info) + "\n" + "\n".join(sections) +
+            "\n`fit` and `fbalign train` run their steps inside `lax.scan` (the epoch runner), "
+            "so the in-loop times are what training costs and the targets are judged on them; "
+            "per call, each step also pays the launch of a compiled program (about 0.8 ms for "
+            "LeNet-5's many small kernels on this CPU, little for the MLP), the same for every "
+            "rule, which pulls ratios toward 1. "
+            "Ratios are measured side by side in the same process (the machine is shared, "
             "so absolute times are noisy; the ratios are what matter). The FLOP column is XLA's "
             "own count for the compiled step. Variants with the `(grad)` form run `jax.grad` "
             "through the custom_vjp primitives; `(explicit)` runs `rule.update` on the "
