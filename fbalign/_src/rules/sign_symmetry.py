@@ -50,9 +50,6 @@ class BatchRandomSignState(NamedTuple):
     key: PRNGKey
 
 
-
-
-
 DISTRIBUTIONS = ("uniform", "normal")
 
 
