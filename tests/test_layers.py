@@ -129,10 +129,16 @@ def test_fa_conv_matches_numpy_reference(xshape, kshape, strides, padding, group
     ((1, 8, 7), (5, 5, 1, 6), dict(padding=2)),
     ((1, 5, 6), (2, 3, 2, 2), dict(padding=((1, 0), (-1, 2)))),
     ((1, 5, 4, 5), (2, 2, 3, 2, 3), dict(padding="VALID", strides=(1, 2, 1))),
+    # one input channel: patches stacked axis by axis instead of concatenated
+    ((2, 9), (3, 1, 4), dict(padding="SAME", strides=2, rhs_dilation=2)),
+    ((2, 9, 8), (3, 2, 1, 3), dict(padding=((1, -1), (2, 0)), strides=(2, 1),
+                                   rhs_dilation=(1, 3))),
+    ((1, 5, 6, 5), (2, 3, 2, 1, 2), dict(padding="VALID", strides=(2, 1, 2))),
 ])
 def test_im2col_conv_equals_xla_conv_and_its_vjps(xshape, kshape, kwargs):
     """impl='im2col' (slices + one matmul) is the same convolution as lax's, in 1-3 spatial
-    dims, with strides, dilation and every padding form (a negative pad crops)."""
+    dims, with strides, dilation and every padding form (a negative pad crops), for one input
+    channel and several."""
     nd = len(kshape) - 2
     x, w = _rand(7, (*xshape, kshape[-2]), kshape)
     xla, col = ops.conv_op(nd, **kwargs), ops.conv_op(nd, impl="im2col", **kwargs)
