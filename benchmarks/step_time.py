@@ -272,7 +272,7 @@ def main(argv=None) -> int:
             "SGD; float32).\n\n" + _bench.machine_md(info) + "\n" + "\n".join(sections) +
             "\n`fit` and `fbalign train` run their steps inside `lax.scan` (the epoch runner), "
             "so the in-loop times are what training costs and the targets are judged on them; "
-            "per call, each step also pays the launch of a compiled program (0.2-1 ms for "
+            "per call, each step also pays the launch of a compiled program (0.2-2 ms for "
             "LeNet-5's many small kernels on this CPU, less for the MLP), the same for every "
             "rule, which pulls ratios toward 1. "
             "Ratios are measured side by side in the same process (the machine is shared, "
