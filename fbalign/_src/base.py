@@ -221,6 +221,21 @@ def descend_feedback(
     )
 
 
+def descending_advance(make_state: Callable[[tuple], RuleState], learning_rate: float):
+    """The ``advance`` of a rule whose feedback descends its own ``jax.grad`` cotangent:
+    ``make_state(descend_feedback(state.feedback, feedback_grads, learning_rate))``, updates
+    unchanged. ARBP and ASRBP (their primitives hand each channel its local update, Baldi et al.
+    2018) and BDFA (its taps hand each B_l the gradient of its backward loss, Luo et al. 2017)."""
+
+    def advance(params: Params, state: RuleState, updates: Updates, feedback_grads: Any, *,
+                key: PRNGKey | None = None, layers: Any = None) -> tuple[Updates, RuleState]:
+        del params, key, layers
+        return updates, make_state(descend_feedback(state.feedback, feedback_grads,
+                                                    learning_rate))
+
+    return advance
+
+
 def dense_layers(params: Params) -> list[tuple[Array, Array | None]]:
     """Reads ``[(W_0, b_0), ...]`` from an MLP parameter list of ``{"w": ..., "b": ...}`` dicts."""
     if not isinstance(params, (list, tuple)) or not all(

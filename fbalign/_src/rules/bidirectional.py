@@ -18,7 +18,7 @@ from fbalign._src.base import (
     chain_updates,
     check_feedback_shapes,
     dense_layers,
-    descend_feedback,
+    descending_advance,
 )
 from fbalign._src.channel import as_targets
 from fbalign._src.feedback_init import Initializer
@@ -258,20 +258,8 @@ def bidirectional_direct_feedback_alignment(
             new_fb.append(b + (learning_rate / n) * (t.T @ (s * (1 - s) * h)))
         return updates, BidirectionalDirectFeedbackAlignmentState(tuple(new_fb))
 
-    def advance_fn(
-        params: Params,
-        state: BidirectionalDirectFeedbackAlignmentState,
-        updates: Any,
-        feedback_grads: Any,
-        *,
-        key: PRNGKey | None = None,
-        layers: Any = None,
-    ):
-        # jax.grad form: mode "bdfa", whose taps (`dfa_hidden`, feedback_cotangent="bdfa") give
-        # each B_l the gradient of the backward loss above, on dense layers or feature maps.
-        del params, key, layers
-        return updates, BidirectionalDirectFeedbackAlignmentState(
-            descend_feedback(state.feedback, feedback_grads, learning_rate)
-        )
+    # jax.grad form: mode "bdfa", whose taps (`dfa_hidden`, feedback_cotangent="bdfa") give
+    # each B_l the gradient of the backward loss above, on dense layers or feature maps.
+    advance_fn = descending_advance(BidirectionalDirectFeedbackAlignmentState, learning_rate)
 
     return LearningRule(init_fn, update_fn, advance_fn)

@@ -17,7 +17,7 @@ from fbalign._src.base import (
     chain_updates,
     check_feedback_shapes,
     dense_layers,
-    descend_feedback,
+    descending_advance,
 )
 from fbalign._src.channel import quantize
 from fbalign._src.feedback_init import Initializer, resolve_initializer
@@ -213,22 +213,10 @@ def random_backprop(
             state = RandomBackpropState(new)
         return updates, state
 
-    def advance_fn(
-        params: Params,
-        state: RandomBackpropState,
-        updates: Any,
-        feedback_grads: Any,
-        *,
-        key: PRNGKey | None = None,
-        layers: Any = None,
-    ):
-        # ARBP's jax.grad form is mode "kp": the channel's cotangent is the forward weights'
-        # own local update x_l^T delta_l, on any layer type (dense, conv). ASRBP's is mode
-        # "adfa": the skip channel's cotangent is e^T h_l (`dfa_hidden`, "activity").
-        del params, key, layers
-        return updates, RandomBackpropState(
-            descend_feedback(state.feedback, feedback_grads, learning_rate)
-        )
+    # ARBP's jax.grad form is mode "kp": the channel's cotangent is the forward weights' own
+    # local update x_l^T delta_l, on any layer type (dense, conv). ASRBP's is mode "adfa": the
+    # skip channel's cotangent is e^T h_l (`dfa_hidden`, "activity").
+    advance_fn = descending_advance(RandomBackpropState, learning_rate)
 
     return LearningRule(init_fn, update_fn, advance_fn if adaptive else None)
 
