@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 import fbalign
-from fbalign._src.base import EmptyState, LearningRule, dense_grads
+from fbalign._src.base import EmptyState, TapeRule, dense_grads
 from fbalign._src.losses import cross_entropy
 from fbalign._src.models import mlp
 from fbalign._src.rules.backprop import backprop
@@ -52,7 +52,7 @@ def machine() -> str:
     return f"{model} ({platform.machine()}), {os.cpu_count()} visible cores"
 
 
-def top_layer_only() -> LearningRule:
+def top_layer_only() -> TapeRule:
     """Only the output layer learns (the paper's "no bprop" baseline)."""
 
     def init_fn(key, params):
@@ -66,7 +66,7 @@ def top_layer_only() -> LearningRule:
         ups.append(dense_grads(tape.inputs[-1], delta, "b" in params[-1]))
         return ups, state
 
-    return LearningRule(init_fn, update_fn)
+    return TapeRule(init_fn, update_fn)
 
 
 def load(name: str, n_train: int | None):
@@ -85,7 +85,7 @@ def load(name: str, n_train: int | None):
             jnp.asarray(y_te, jnp.int32))
 
 
-def make_rule(method: str, p_update: float, synth_lr: float) -> LearningRule:
+def make_rule(method: str, p_update: float, synth_lr: float) -> TapeRule:
     if method == "bp":
         return backprop()
     if method == "top":

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 import fbalign as fb
-from fbalign._src.base import EmptyState, LearningRule, dense_grads
+from fbalign._src.base import EmptyState, TapeRule, dense_grads
 from fbalign.metrics import make_alignment_probe
 from fbalign.train import TrainState, make_train_step
 
@@ -37,7 +37,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RULES = ("bp", "fa", "shallow")
 
 
-def shallow() -> LearningRule:
+def shallow() -> TapeRule:
     """Only the output layer learns: its backprop update; every other layer gets zeros."""
 
     def init_fn(key, params):
@@ -50,10 +50,10 @@ def shallow() -> LearningRule:
         ups.append(dense_grads(tape.inputs[-1], error * tape.derivs[-1], "b" in params[-1]))
         return ups, state
 
-    return LearningRule(init_fn, update_fn)
+    return TapeRule(init_fn, update_fn)
 
 
-def make_rule(name: str) -> LearningRule:
+def make_rule(name: str) -> TapeRule:
     if name == "bp":
         return fb.backprop()
     if name == "fa":

@@ -1,7 +1,7 @@
 """fbalign: learning rules beyond exact backpropagation, in pure JAX."""
 
 from fbalign import data, losses, models, ops, rules, train
-from fbalign._src.base import EmptyState, FeedbackShapeError, LearningRule, Tape
+from fbalign._src.base import EmptyState, FeedbackShapeError, LearningRule, Tape, TapeRule
 from fbalign._src.feedback_init import gaussian, orthogonal, uniform
 from fbalign._src.losses import cross_entropy, squared_error
 from fbalign._src.models import MLP, mlp
@@ -34,6 +34,7 @@ __all__ = [
     "FeedbackShapeError",
     "LearningRule",
     "Tape",
+    "TapeRule",
     "backprop",
     "cross_entropy",
     "data",

@@ -1,5 +1,41 @@
-"""Functional models that record a `Tape` and run every rule's backward."""
+"""Models: fbalign's layered networks (MLP, LeNet-5, RNN), which record a `Tape` and run every
+rule's backward, and wrappers that make any Flax NNX/Linen or Equinox model, or a pure
+``apply(params, x)`` function, a network the harness trains."""
 
+from fbalign._src.convnet import LeNet5, lenet5
 from fbalign._src.models import ACTIVATIONS, BACKWARD_MODES, MLP, get_activation, mlp
+from fbalign._src.recurrent import RNN, rnn
+from fbalign._src.wrap import (
+    EquinoxNetwork,
+    FunctionNetwork,
+    LinenNetwork,
+    NNXNetwork,
+    as_network,
+    from_equinox,
+    from_function,
+    from_linen,
+    from_nnx,
+    is_seeded,
+)
 
-__all__ = ["ACTIVATIONS", "BACKWARD_MODES", "MLP", "get_activation", "mlp"]
+__all__ = [
+    "ACTIVATIONS",
+    "BACKWARD_MODES",
+    "MLP",
+    "RNN",
+    "EquinoxNetwork",
+    "FunctionNetwork",
+    "LeNet5",
+    "LinenNetwork",
+    "NNXNetwork",
+    "as_network",
+    "from_equinox",
+    "from_function",
+    "from_linen",
+    "from_nnx",
+    "get_activation",
+    "is_seeded",
+    "lenet5",
+    "mlp",
+    "rnn",
+]

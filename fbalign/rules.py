@@ -1,19 +1,25 @@
-"""Learning rules: ``LearningRule(init, update[, advance, feedback])`` pure functions, and their
-registry."""
+"""Learning rules: the `LearningRule` step protocol, tape rules (``TapeRule(init, update[, advance,
+feedback])``) and their lifts, and the registry."""
 
 from fbalign._src.base import (
+    Batch,
     EmptyState,
     FeedbackDtypeError,
     FeedbackShapeError,
     LayerOp,
     LearningRule,
+    StepContext,
+    StepOutput,
     Tape,
+    TapeRule,
     chain_updates,
     check_feedback_shapes,
+    check_network,
     check_state_dtypes,
     rule_feedback,
 )
 from fbalign._src.feedback_init import FEEDBACK_INITS, gaussian, orthogonal, uniform
+from fbalign._src.lift import as_learning_rule, explicit, through_primitives
 from fbalign._src.registry import RULES, RuleSpec, get_rule, grad_form
 from fbalign._src.rules.backprop import backprop
 from fbalign._src.rules.feedback_alignment import (
@@ -24,10 +30,21 @@ from fbalign._src.rules.feedback_alignment import (
     fa_feedback_shapes,
     feedback_alignment,
 )
+from fbalign._src.rules.forward_gradient import forward_gradient, sample_tangents
 
 __all__ = [
     "FEEDBACK_INITS",
     "RULES",
+    "Batch",
+    "StepContext",
+    "StepOutput",
+    "TapeRule",
+    "as_learning_rule",
+    "check_network",
+    "explicit",
+    "forward_gradient",
+    "sample_tangents",
+    "through_primitives",
     "DirectFeedbackAlignmentState",
     "EmptyState",
     "FeedbackAlignmentState",

@@ -1,8 +1,8 @@
 """Training harness: jitted train steps for any rule, an epoch loop, evaluation."""
 
+from fbalign._src.lift import FORMS
 from fbalign._src.train import (
     ENSEMBLE_IMPLS,
-    FORMS,
     NONFINITE_MODES,
     FitResult,
     NonFiniteError,

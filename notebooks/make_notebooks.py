@@ -59,7 +59,7 @@ from fbalign.train import TrainState, make_train_step
 ## The task and the three rules
 
 `T ~ U[-1, 1]`, `x ~ N(0, I)`, forward weights `W ~ U[-0.01, 0.01]`, FA feedback
-`B ~ U[-0.5, 0.5]`, no biases. A rule is a pair of pure functions `LearningRule(init, update)`;
+`B ~ U[-0.5, 0.5]`, no biases. A rule is a pair of pure functions `TapeRule(init, update)`;
 "shallow" is four lines: zero updates everywhere but the output layer.
 """),
     code("""
@@ -76,7 +76,7 @@ def shallow():
         ups.append({"w": tape.inputs[-1].T @ (error * tape.derivs[-1])})
         return ups, state
 
-    return fb.LearningRule(init, update)
+    return fb.TapeRule(init, update)
 
 
 rules = {"BP": fb.backprop(), "FA": fb.feedback_alignment(init="uniform", scale=0.5),

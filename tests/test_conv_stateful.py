@@ -1,5 +1,5 @@
 """Rules whose feedback learns or is redrawn every step, on conv layers (LeNet-5's jax.grad form
-plus `LearningRule.advance`), and the sparse and k-bit channels on conv kernels.
+plus `TapeRule.advance`), and the sparse and k-bit channels on conv kernels.
 
 Each step of the harness (``make_train_step(..., form="grad")`` on a narrow LeNet, plain SGD) is
 compared with the explicit conv backward of ``test_conv_rules.lenet_reference`` and the rule's
@@ -264,7 +264,7 @@ GRAD_FORM_RULES = [n for n, spec in fb.RULES.items() if spec.grad_mode is not No
 @pytest.mark.parametrize("name", GRAD_FORM_RULES)
 def test_harness_grad_form_equals_explicit_form_on_an_mlp(name):
     """Two forms, one truth, for a whole harness step (updates, optimizer, the rule's next state
-    via `LearningRule.advance`), with each rule's registry grad form (mode and apply options)."""
+    via `TapeRule.advance`), with each rule's registry grad form (mode and apply options)."""
     model = fb.mlp((6, 5, 5, 3), "tanh")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)

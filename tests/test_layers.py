@@ -599,7 +599,7 @@ def test_lenet5_conv_impls_give_the_same_rule_updates():
 
 
 def test_lenet5_rule_state_for_every_registered_rule_fits_apply():
-    """By name (conv-aware defaults) or as a LearningRule (dense stand-ins), every rule with a
+    """By name (conv-aware defaults) or as a TapeRule (dense stand-ins), every rule with a
     primitive form gets a state whose feedback `apply` accepts (checked by tracing only)."""
     from fbalign._src.registry import RULES, get_rule
 

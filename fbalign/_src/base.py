@@ -1,4 +1,5 @@
-"""Core types shared by every rule: `LearningRule`, `Tape`, and the orientation of B.
+"""Core types shared by every rule: `LearningRule` (the step protocol), `TapeRule`, `Tape`,
+`Batch`, `StepContext`, `StepOutput`, and the orientation of B.
 
 Conventions (stated once here, tested in ``tests/test_base.py``):
 
@@ -22,6 +23,7 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Int
 
 Array = jax.Array
 PRNGKey = jax.Array
@@ -91,8 +93,12 @@ class AdvanceFn(Protocol):
 FeedbackFn = Callable[[Params, RuleState], Any]
 
 
-class LearningRule(NamedTuple):
-    """A learning rule as a pair of pure functions, shaped like ``optax.GradientTransformation``.
+class TapeRule(NamedTuple):
+    """A rule stated on a recorded forward pass: ``update(params, state, tape, error)``.
+
+    The feedback-alignment family and synthetic gradients are tape rules, pure functions shaped
+    like ``optax.GradientTransformation``. `explicit` and `through_primitives` (in
+    ``fbalign.rules``) lift one into a `LearningRule`; the harness does that itself (``form=``).
 
     Attributes:
       init: ``init(key, params) -> state`` draws feedback matrices and any other rule state.
@@ -121,7 +127,103 @@ class LearningRule(NamedTuple):
     feedback: FeedbackFn | None = None
 
 
-def rule_feedback(rule: LearningRule, params: Params, state: RuleState) -> Any:
+class Batch(NamedTuple):
+    """What one training step sees of the data.
+
+    Attributes:
+      x: the inputs, ``(batch, ...)`` (time-major ``(T, batch, din)`` for recurrent nets).
+      y: the targets (class indices or arrays of the output's shape).
+      index: the examples' positions in the training set, ``(batch,)`` ints, for rules that keep
+        per-example state (ADMM, alternating minimisation); None where the caller has none.
+    """
+
+    x: Array
+    y: Array
+    index: Int[Array, " batch"] | None = None
+
+
+class StepContext(NamedTuple):
+    """What a rule's step is told about the problem; static (closed over, never traced).
+
+    Attributes:
+      network: the model: an fbalign network (``init``, ``apply`` and, for tape rules, the layer
+        structure: ``forward`` recording a `Tape`), or a wrapped Flax/Equinox model or function
+        (``fbalign.models.as_network``).
+      loss: ``loss(output, target) -> scalar``, the batch mean.
+      axis_name: the data-parallel axis inside ``shard_map``/``pmap``, else None. Rules whose
+        statistics are not batch means (kernels, fitness) reduce over it themselves; the
+        harness averages updates, changed state and metrics over it.
+    """
+
+    network: Any
+    loss: Callable[[Array, Array], Array]
+    axis_name: str | None = None
+
+
+class StepOutput(NamedTuple):
+    """What a step reports besides its updates: the batch loss, the network output the loss saw,
+    and any rule-specific scalars (``metrics``, averaged and logged by the harness)."""
+
+    loss: Array
+    output: Array
+    metrics: dict[str, Array] | None = None
+
+
+class LearningRule(NamedTuple):
+    """The one rule protocol the harness, the CLI and the registry know.
+
+    A rule owns its training step, given the network, the loss and the batch. That covers rules
+    with a different backward pass (feedback alignment: `TapeRule` lifted by `explicit` or
+    `through_primitives`), rules that only evaluate the loss (forward gradient, evolution
+    strategies), and rules with phases or inner loops (target, equilibrium propagation).
+
+    Attributes:
+      init: ``init(key, params, network) -> state``: feedback matrices, auxiliary parameters and
+        anything else the rule keeps, drawn knowing the network.
+      step: ``step(params, state, batch, key, context) -> (updates, state, output)`` with a
+        `Batch`, a PRNG key and a static `StepContext`. ``updates`` has the gradient's sign and
+        the params' structure, so any optax optimizer applies it; ``output`` is a `StepOutput`.
+      requires: what the rule needs of the network beyond ``init``/``apply``, as attribute names
+        (``("forward",)`` for rules that read a recorded `Tape`). The harness checks them once
+        (`check_network`) and names the rule and what is missing.
+      name: a short name for messages.
+    """
+
+    init: Callable[[PRNGKey, Params, Any], RuleState]
+    step: Callable[[Params, RuleState, Batch, PRNGKey, StepContext],
+                   tuple[Updates, RuleState, StepOutput]]
+    requires: tuple[str, ...] = ()
+    name: str = "rule"
+
+
+def check_network(rule: LearningRule, network: Any) -> None:
+    """Raises a `TypeError` naming the rule and what it needs when ``network`` lacks
+    ``init``/``apply`` or a requirement in ``rule.requires``: a method name (``"forward"``), or
+    ``"layer_structure"`` (fbalign's layered networks; wrapped Flax/Equinox models and plain
+    functions set ``layer_structure = False``). Call once per run."""
+
+    def has(attr: str) -> bool:
+        value = getattr(network, attr, None)
+        return value is True if attr == "layer_structure" else callable(value)
+
+    missing = [a for a in ("init", "apply", *rule.requires) if not has(a)]
+    if not missing:
+        return
+    what = type(network).__name__
+    if {"init", "apply"} & set(missing):
+        hint = ("Wrap the model with fbalign.models.as_network (Flax NNX/Linen, Equinox) or "
+                "fbalign.models.from_function(apply, init).")
+    else:
+        hint = ("Tape rules send their error through the layers of an fbalign network "
+                "(fbalign.models.mlp, lenet5, rnn), whose forward records the activations; a "
+                "wrapped Flax/Equinox model or a plain function trains with rules that only "
+                "evaluate the network (bp, fg), or convert its layers with "
+                "fbalign.flax.convert.")
+    raise TypeError(f"rule {rule.name!r} needs a network with {', '.join(missing)}; {what} has "
+                    f"none. {hint}")
+
+
+def rule_feedback(rule: TapeRule, params: Params, state: RuleState) -> Any:
     """The feedback a rule's ``jax.grad`` form passes to the model's ``apply``:
     ``rule.feedback(params, state)`` if the rule computes it, else ``state.feedback`` (None when
     the state has none, as for backprop)."""

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import collections.abc
+import inspect
 import json
 import math
 import platform
 import shutil
 import sys
+import textwrap
 import time
+import types
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -104,6 +110,15 @@ def _add_train_args(p: argparse.ArgumentParser, rule: bool = True) -> None:
     if rule:  # `fbalign compare` takes --rules instead
         p.add_argument("--rule", type=_names("rule", list(RULES)), default="dfa",
                        help=f"learning rule (default dfa). {rules_help}")
+        p.add_argument("--rule-arg", action="append", type=_rule_arg_item, default=None,
+                       metavar="NAME=VALUE",
+                       help="set an option of the rule's constructor; repeatable, e.g. --rule kp "
+                            "--rule-arg weight_decay=1e-3 --rule-arg learning_rate=0.05. VALUE is "
+                            "read as the option's type: numbers, bool (true/false/yes/no/1/0), "
+                            "none where the option allows it, tuples as 3,4 or (3,4). Unknown "
+                            "names are refused with the rule's options listed; init and scale "
+                            "must agree with --feedback-init/--feedback-scale if given. Saved "
+                            "in config.json as rule_args and reused by --resume")
     p.add_argument("--dataset", type=_names("dataset", DATASETS), default="digits",
                    help="digits (embedded UCI 8x8 digits, no download), mnist (found via "
                         f"${DATA_ENV}, the cache, or downloaded), teacher (synthetic), linear "
@@ -229,6 +244,7 @@ def _resume_args(args) -> argparse.Namespace:
         if k in defaults and k not in _RUN_LOCAL and k not in given:
             setattr(new, k, tuple(v) if isinstance(v, list) else v)
     new.out = str(run)
+    new.rule_args = _resumed_rule_args(args, new.rule, config, cfg_path)
     changed = {k: given[k] for k in _RESUME_MAY_CHANGE if k in given and given[k] != config[k]}
     if changed:  # e.g. more epochs: the run's config says what it now is
         cfg_path.write_text(json.dumps({**config, **changed}, indent=2) + "\n")
@@ -273,10 +289,11 @@ def _init_multihost(args) -> None:
 
 def _check_grad_form(rule: str, form: str, model: str) -> None:
     """A usage error, before the data is loaded, for a rule with no usable jax.grad form."""
+    from fbalign._src.base import TapeRule
     from fbalign._src.registry import RULES, get_rule
 
-    if form != "grad":
-        return
+    if form != "grad" or not isinstance(get_rule(rule), TapeRule):
+        return  # rules with a step of their own run on any model
     spec = RULES[rule]
     where = f"--model {model}" if model != "mlp" else "--form grad"
     if spec.grad_mode is None:
@@ -311,9 +328,8 @@ def _check_devices(args) -> int | None:
 
 
 def _rule_kwargs(args) -> dict[str, Any]:
-    """--feedback-init/--feedback-scale for every rule whose constructor takes them."""
-    import inspect
-
+    """--feedback-init/--feedback-scale for every rule whose constructor takes them, then the
+    --rule-arg options."""
     from fbalign._src.registry import RULES
 
     params = inspect.signature(RULES[args.rule].make).parameters
@@ -322,7 +338,244 @@ def _rule_kwargs(args) -> dict[str, Any]:
         out["init"] = args.feedback_init
     if "scale" in params:
         out["scale"] = args.feedback_scale
+    out.update(getattr(args, "rule_args", None) or {})  # --rule-arg, from _set_rule_args
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# --rule-arg NAME=VALUE: constructor options of the rule, typed from its signature
+
+_EMPTY = inspect.Parameter.empty
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+# Constructor options that other flags set: option -> (args attribute, flag).
+_FLAG_OPTIONS = {"init": ("feedback_init", "--feedback-init"),
+                 "scale": ("feedback_scale", "--feedback-scale")}
+
+
+def _rule_arg_item(value: str) -> str:
+    """One ``--rule-arg`` item, checked to be ``NAME=VALUE`` (typed once the rule is known)."""
+    name, sep, _ = value.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=VALUE such as weight_decay=1e-3, got {value!r}")
+    return value
+
+
+def _forwarded(fn: Callable) -> tuple[Callable, int, set[str]] | None:
+    """``(callee, positional args, fixed keywords)`` when ``fn`` passes its ``**kwargs`` on to a
+    function of its module, e.g. ``random_backprop(init, scale, skip=True, **options)``."""
+    varkw = [p.name for p in inspect.signature(fn).parameters.values()
+             if p.kind is p.VAR_KEYWORD]
+    if not varkw:
+        return None
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and any(
+                k.arg is None and isinstance(k.value, ast.Name) and k.value.id == varkw[0]
+                for k in node.keywords):
+            callee = getattr(fn, "__globals__", {}).get(node.func.id)
+            if callable(callee):
+                return callee, len(node.args), {k.arg for k in node.keywords if k.arg}
+    return None
+
+
+def rule_options(make: Callable, _depth: int = 0) -> dict[str, tuple[Any, Any]]:
+    """Named options of rule constructor ``make``: name -> (type hint or None, default). Only
+    named parameters count; ``**kwargs`` that ``make`` passes on to another function (DNI's
+    `synthetic_gradients`) count as that function's named parameters it does not fix."""
+    try:
+        hints = typing.get_type_hints(make)
+    except Exception:  # unresolvable annotations: the defaults' types decide
+        hints = {}
+    params = inspect.signature(make).parameters.values()
+    out = {p.name: (None if hints.get(p.name, Any) is Any else hints[p.name], p.default)
+           for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    fwd = _forwarded(make) if _depth < 3 else None
+    if fwd:
+        callee, n_pos, fixed = fwd
+        fixed |= set(list(inspect.signature(callee).parameters)[:n_pos])
+        for name, spec in rule_options(callee, _depth + 1).items():
+            if name not in fixed and name not in out:
+                out[name] = spec
+    return out
+
+
+def _value_kinds(hint: Any, default: Any = _EMPTY) -> tuple[list, bool]:
+    """``(kinds, none_ok)``: what a text value may parse to (bool, int, float, str,
+    ``("seq", elem, length)``, ``("literal", choices)``), from ``hint``, else the default."""
+    if hint is None:  # no annotation: the type of the default
+        if default is _EMPTY or default is None:
+            return [str], default is None
+        if isinstance(default, (tuple, list)) and all(type(v) is int for v in default):
+            return [("seq", int, None)], False
+        return ([type(default)] if type(default) in (bool, int, float, str) else []), False
+    origin, targs = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        kinds, none_ok = [], False
+        for a in targs:
+            k, n = _value_kinds(a)
+            kinds, none_ok = kinds + k, none_ok or n
+        return kinds, none_ok
+    if hint is type(None):
+        return [], True
+    if origin is typing.Literal:
+        return [("literal", targs)], None in targs
+    if hint in (bool, int, float, str):
+        return [hint], False
+    elems = [a for a in targs if a is not Ellipsis]
+    if (origin in (tuple, list, collections.abc.Sequence) and elems
+            and all(e is elems[0] for e in elems) and elems[0] in (int, float)):
+        fixed = origin is tuple and Ellipsis not in targs
+        return [("seq", elems[0], len(elems) if fixed else None)], False
+    return [], False
+
+
+def _parse_kind(text: str, kind: Any) -> Any:
+    """``text`` as one value kind of `_value_kinds`; ValueError if it is not one."""
+    if kind is bool:
+        if text.lower() not in _BOOLS:
+            raise ValueError(text)
+        return _BOOLS[text.lower()]
+    if kind in (int, float, str):
+        return kind(text)
+    if kind[0] == "literal":
+        for choice in kind[1]:
+            if choice is not None and str(choice) == text:
+                return choice
+        raise ValueError(text)
+    _, elem, length = kind
+    inner = text.strip()
+    if inner[:1] + inner[-1:] in ("()", "[]"):
+        inner = inner[1:-1]
+    parts = [v.strip() for v in inner.split(",")]
+    if parts[-1] == "":  # "3," or "(3,)" or "()"
+        parts.pop()
+    value = tuple(elem(v) for v in parts)
+    if length is not None and len(value) != length:
+        raise ValueError(text)
+    return value
+
+
+_WORDS = {bool: "a bool (true/false, yes/no, 1/0)", int: "an int", float: "a float",
+          str: "a string"}
+
+
+def _describe(kinds: list, none_ok: bool) -> str:
+    """The expected type of an option, for error messages: ``a float or none``."""
+    out = []
+    for kind in kinds:
+        if kind in _WORDS:
+            out.append(_WORDS[kind])
+        elif kind[0] == "literal":
+            out.append("one of " + ", ".join(repr(c) for c in kind[1] if c is not None))
+        else:
+            _, elem, length = kind
+            example = ",".join(str(3 + i) for i in range(length or 2))
+            out.append(f"a tuple of {f'{length} ' if length else ''}{elem.__name__}s such as "
+                       f"{example}")
+    return " or ".join(out + (["none"] if none_ok else []))
+
+
+_ORDER = {"literal": 0, bool: 1, int: 2, float: 3, "seq": 4, str: 5}
+
+
+def parse_rule_value(text: str, hint: Any, default: Any = _EMPTY) -> Any:
+    """``text`` as a value of type ``hint`` (an annotation; None: the type of ``default``).
+    ``none``/``None`` gives None only where None is allowed; ValueError names the type."""
+    kinds, none_ok = _value_kinds(hint, default)
+    if none_ok and text.strip().lower() == "none":
+        return None
+    for kind in sorted(kinds, key=lambda k: _ORDER[k if k in _ORDER else k[0]]):
+        try:
+            return _parse_kind(text.strip() if kind is not str else text, kind)
+        except (ValueError, TypeError):
+            continue
+    raise ValueError(f"expected {_describe(kinds, none_ok) or 'a value'}, got {text!r}")
+
+
+def parse_rule_args(rule: str, items: Sequence[str]) -> dict[str, Any]:
+    """``--rule-arg NAME=VALUE`` items as typed constructor options of registered rule ``rule``;
+    a `UsageError` for a malformed item, an unknown or repeated name, or a bad value."""
+    from fbalign._src.registry import RULES
+
+    options = rule_options(RULES[rule].make)
+    settable = [n for n, spec in options.items() if _value_kinds(*spec)[0]]
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise UsageError(f"--rule-arg takes NAME=VALUE such as weight_decay=1e-3, "
+                             f"got {item!r}")
+        if name not in settable:
+            what = (f"rule {rule!r} has no option {name!r}" if name not in options else
+                    f"option {name!r} of rule {rule!r} has no command-line form")
+            raise UsageError(f"--rule-arg {item}: {what}; valid: "
+                             f"{', '.join(settable) or 'none (it takes no options)'}")
+        if name in out:
+            raise UsageError(f"--rule-arg {name} given twice; give each option once")
+        try:
+            out[name] = parse_rule_value(text, *options[name])
+        except ValueError as err:
+            raise UsageError(f"--rule-arg {item}: option {name!r} of rule {rule!r}: {err}"
+                             ) from None
+    return out
+
+
+def _set_rule_args(args) -> None:
+    """``args.rule_args``: the typed ``--rule-arg`` options of a new run. Options that other
+    flags set must agree with them; the flags then take their values (said once in config.json)."""
+    args.rule_args = parse_rule_args(args.rule, getattr(args, "rule_arg", None) or [])
+    if not args.rule_args:
+        return
+    defaults = vars(build_parser().parse_args(["train"]))
+    for name, (attr, flag) in _FLAG_OPTIONS.items():
+        if name not in args.rule_args:
+            continue
+        given, value = getattr(args, attr, defaults[attr]), args.rule_args[name]
+        if given != defaults[attr] and given != value:
+            raise UsageError(f"--rule-arg {name}={value} contradicts {flag} {given}; set {name} "
+                             f"with {flag} only")
+        setattr(args, attr, value)
+    _check_rule_builds(args.rule, _rule_kwargs(args))
+
+
+def _check_rule_builds(rule: str, kwargs: dict[str, Any]) -> None:
+    """Builds the rule once (cheap: no arrays) so that options it refuses stop the run before
+    any data loads."""
+    from fbalign._src.registry import RULES
+
+    try:
+        RULES[rule].make(**kwargs)
+    except (TypeError, ValueError) as err:
+        given = " ".join(f"{k}={v}" for k, v in kwargs.items())
+        raise UsageError(f"rule {rule!r} refuses the options {given}: {err}") from None
+
+
+def _resumed_rule_args(args, rule: str, config: dict, cfg_path: Path) -> dict[str, Any]:
+    """The ``rule_args`` saved in a resumed run's config; ``--rule-arg`` may only repeat the
+    values the rule (``rule``, from the config) was built with."""
+    from fbalign._src.registry import RULES
+
+    saved = {k: tuple(v) if isinstance(v, list) else v
+             for k, v in (config.get("rule_args") or {}).items()}
+    built = {k: d for k, (_, d) in rule_options(RULES[rule].make).items()}
+    built.update({k: config[a] for k, (a, _) in _FLAG_OPTIONS.items()
+                  if k in built and a in config})
+    built.update(saved)
+    given = parse_rule_args(rule, getattr(args, "rule_arg", None) or [])
+    clash = [k for k, v in given.items() if built.get(k, _EMPTY) != v]
+    if clash:
+        raise UsageError(
+            f"--resume takes the training options from {cfg_path} (only "
+            + ", ".join(f"--{k.replace('_', '-')}" for k in _RESUME_MAY_CHANGE)
+            + " may change); drop " + ", ".join(f"--rule-arg {k}={given[k]}" for k in clash)
+            + " (the run has " + ", ".join(f"{k}={built.get(k)}" for k in clash)
+            + "; or start a new run with --out)")
+    return saved
 
 
 def _prepare_out(args) -> Path:
@@ -348,6 +601,8 @@ def cmd_train(args) -> int:
     resuming = bool(getattr(args, "resume", None))
     if resuming:  # first: the checks below need the run's own settings
         args = _resume_args(args)
+    else:
+        _set_rule_args(args)
     devices = _check_devices(args)
     primary = jax.process_index() == 0  # only process 0 writes the run directory
     if not 0.0 <= args.val_fraction < 1.0:
@@ -367,12 +622,15 @@ def cmd_train(args) -> int:
     loss = args.loss or ("cross_entropy" if data.num_classes else "squared_error")
     model = build_model(args.model, data.input_dim, data.output_dim, args.hidden,
                         args.activation, args.output_activation)
-    # Models without a recorded Tape (convnets) train through the jax.grad form of the rule.
-    form = args.form if hasattr(model, "forward") else "grad"
+    # Models without a recorded Tape (convnets) train tape rules through their jax.grad form
+    # (fit resolves it: fbalign.rules.resolve_form).
+    form = args.form
     optimizer = make_optimizer(args.optimizer, args.lr, args.momentum, args.weight_decay)
     out = (Path(args.out) if resuming else _prepare_out(args)) if primary else None
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-              if k != "func"}
+              if k not in ("func", "rule_arg")}  # rule_arg: the raw --rule-arg items
+    config["rule_args"] = {k: (list(v) if isinstance(v, tuple) else v)
+                           for k, v in args.rule_args.items()}
     config.update({"loss": loss, "out": str(out), "jax_version": jax.__version__,
                    "backend": jax.default_backend(), "python": platform.python_version(),
                    "n_train": len(data.x_train), "n_test": len(data.x_test)})

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from fbalign._src import channel as C
 from fbalign._src import primitives as P
-from fbalign._src.base import Array, EmptyState, LayerOp, LearningRule, Params, PRNGKey
+from fbalign._src.base import Array, EmptyState, LayerOp, Params, PRNGKey, TapeRule
 from fbalign._src.feedback_init import Initializer, kernel_fans, resolve_initializer
 from fbalign._src.layers import (
     conv_op,
@@ -108,6 +108,8 @@ class LeNet5:
     map shapes, which the params alone do not give).
     """
 
+    layer_structure = True  # rules that send errors through layers can use it
+
     activation: str = "tanh"
     num_classes: int = 10
     pool: str = "max"
@@ -163,7 +165,7 @@ class LeNet5:
 
     def init_rule_state(
         self,
-        rule: str | LearningRule,
+        rule: str | TapeRule,
         key: PRNGKey,
         params: Params,
         init: str | Initializer = "gaussian",
@@ -174,12 +176,12 @@ class LeNet5:
         """Draws the rule state whose ``feedback`` ``apply(..., feedback, mode)`` takes.
 
         Args:
-          rule: a rule name or a `LearningRule`. Names with conv-aware defaults here:
+          rule: a rule name or a `TapeRule`. Names with conv-aware defaults here:
             ``"bp"``/``"shallow"`` (no feedback), ``"fa"``/``"kp"`` (one ``B_l`` of ``W_l``'s
             shape per layer, None for the first), ``"dfa"``/``"drtp"`` (``B_l`` of shape
             ``(n_out, *feature_shape_l)`` per hidden layer, None for the output). Any other name
             is built with ``get_rule(rule, init=..., scale=..., **rule_kwargs)``; a
-            `LearningRule` is used as given. Either way its ``init`` runs on the params, or, for
+            `TapeRule` is used as given. Either way its ``init`` runs on the params, or, for
             DFA-like states (one ``(n_out, n_l)`` matrix per hidden layer) and for rules whose
             ``init`` only understands dense matrices, on a dense stand-in: the chain of layer
             output widths, or conv kernels seen as ``(kh * kw * cin, cout)`` matrices (reshaped
@@ -205,7 +207,7 @@ class LeNet5:
         shapes = [tuple(p["w"].shape) for p in params]
         if shapes != self.param_shapes:
             raise ValueError(f"params have kernel shapes {shapes}, expected {self.param_shapes}")
-        if isinstance(rule, LearningRule):
+        if isinstance(rule, TapeRule):
             return self._init_with_rule(rule, key, params)
         dtype = params[0]["w"].dtype
         if rule in ("bp", "shallow"):
@@ -252,7 +254,7 @@ class LeNet5:
             kwargs["scale"] = scale
         return self._init_with_rule(get_rule(rule, **kwargs), key, params)
 
-    def _init_with_rule(self, rule: LearningRule, key: PRNGKey, params: Params) -> Any:
+    def _init_with_rule(self, rule: TapeRule, key: PRNGKey, params: Params) -> Any:
         """``rule.init`` for a rule written for dense chains (see `init_rule_state`)."""
         dtype = params[0]["w"].dtype
         try:
@@ -286,7 +288,7 @@ class LeNet5:
     def layer_ops(self) -> tuple[LayerOp, ...]:
         """Each layer's linear map ``op(x, w)`` (the two convolutions, then ``x @ w``) and the
         per-example shape of its input, for rules whose ``jax.grad`` form updates their state
-        layer by layer (`fbalign.rules.LearningRule.advance`: weight mirrors, brSF, KP, ARBP).
+        layer by layer (`fbalign.rules.TapeRule.advance`: weight mirrors, brSF, KP, ARBP).
         """
         c1, _ = self.conv_features
         d1, d2 = self.dense_features

@@ -54,7 +54,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fbalign._src.base import Array, LearningRule, Params, Tape, rule_feedback
+from fbalign._src.base import Array, Batch, Params, StepContext, Tape, TapeRule, rule_feedback
+from fbalign._src.lift import as_learning_rule
+from fbalign._src.losses import get_loss
+from fbalign._src.registry import RULES, get_rule
 
 KINDS = ("fa", "sign", "dfa")
 # How the registered rules' feedback is laid out, by their `MLP.apply` mode.
@@ -260,10 +263,10 @@ def feedback_metrics(
 
 
 def feedback_kind(
-    rule: LearningRule | str, params: Params, rule_state: Any, feedback: Any = None
+    rule: TapeRule | str, params: Params, rule_state: Any, feedback: Any = None
 ) -> str | None:
     """Guesses the feedback layout of a rule: a registered name by its `MLP.apply` mode, else
-    (a `LearningRule`, or a name without a primitive form) by the shapes of its feedback
+    (a `TapeRule`, or a name without a primitive form) by the shapes of its feedback
     (``feedback``, else `fbalign.rules.rule_feedback` of the rule and state): ``"fa"`` or
     ``"dfa"``; None when there is none to read.
 
@@ -273,16 +276,14 @@ def feedback_kind(
     if feedback is None:
         rule_obj = rule
         if isinstance(rule, str):
-            from fbalign._src.registry import RULES, get_rule
-
             rule_obj = get_rule(rule) if rule in RULES else None
+        if not isinstance(rule_obj, TapeRule):
+            rule_obj = None
         feedback = (rule_feedback(rule_obj, params, rule_state) if rule_obj is not None
                     else getattr(rule_state, "feedback", None))
     if feedback is None or not _is_dense(params) or len(feedback) != len(params):
         return None
     if isinstance(rule, str):
-        from fbalign._src.registry import RULES
-
         spec = RULES.get(rule)
         if spec is not None and spec.grad_mode is not None:
             return _KIND_OF_GRAD_MODE.get(spec.grad_mode)
@@ -302,7 +303,7 @@ def feedback_kind(
 
 def make_alignment_probe(
     model: Any,
-    rule: LearningRule | str,
+    rule: TapeRule | str,
     loss: Callable[[Array, Array], Array] | str,
     x: Array,
     y: Array,
@@ -337,34 +338,38 @@ def make_alignment_probe(
         (`feedback_kind`).
       jit: compile the probe.
     """
-    from fbalign._src.train import _resolve_loss, _resolve_rule
-
-    rule_obj, looked_up = _resolve_rule(rule, rule_kwargs)
-    grad_mode = grad_mode or looked_up
-    loss_fn = _resolve_loss(loss)
+    tape_rule = get_rule(rule, **(rule_kwargs or {})) if isinstance(rule, str) else rule
+    if not isinstance(tape_rule, TapeRule):
+        tape_rule = None  # a rule with a step of its own: no feedback to read
+    explicit = hasattr(model, "forward") and tape_rule is not None
+    form = "grad" if tape_rule is not None and not explicit else "explicit"
+    stepper = as_learning_rule(rule, form, grad_mode, rule_kwargs if isinstance(rule, str)
+                               else None)
+    loss_fn = get_loss(loss) if isinstance(loss, str) else loss
     if kind not in (None, "auto") and kind not in KINDS:
         raise ValueError(f"unknown feedback kind {kind!r}; valid: {', '.join(KINDS)}, auto, None")
     x, y = jnp.asarray(x), jnp.asarray(y)
-    explicit = hasattr(model, "forward")
+    context = StepContext(model, loss_fn)
 
     def one(state) -> dict[str, Array]:
         params, rule_state = state.params, state.rule_state
-        feedback = rule_feedback(rule_obj, params, rule_state)
+        feedback = (rule_feedback(tape_rule, params, rule_state) if tape_rule is not None
+                    else None)
         k = feedback_kind(rule, params, rule_state, feedback) if kind == "auto" else kind
-        if explicit:
+        tape = err = None
+        if explicit:  # keep the tape and error: the Lillicrap criterion reads them
             out, tape = model.forward(params, x)
             loss_val, err = jax.value_and_grad(lambda o: loss_fn(o, y))(out)
-            updates, _ = rule_obj.update(params, rule_state, tape, err, key=state.key, labels=y)
+            updates, _ = tape_rule.update(params, rule_state, tape, err, key=state.key,
+                                          labels=y)
         else:
-            if grad_mode is None:
-                raise ValueError("this model has no forward(); pass grad_mode= for the probe")
-            loss_val, updates = jax.value_and_grad(
-                lambda p: loss_fn(model.apply(p, x, feedback, grad_mode), y))(params)
-            tape = err = None
+            updates, _, output = stepper.step(params, rule_state, Batch(x, y), state.key,
+                                              context)
+            loss_val = output.loss
         grads = jax.grad(lambda p: loss_fn(model.apply(p, x), y))(params)
         m = {"probe_loss": loss_val}
         m.update(update_gradient_metrics(updates, grads))
-        if k is not None:
+        if k is not None and feedback is not None:
             m.update(feedback_metrics(params, feedback, k, tape, err))
         return m
 

@@ -67,6 +67,8 @@ class MLP:
       runs a rule's backward through the primitives in `fbalign.ops`.
     """
 
+    layer_structure = True  # rules that send errors through layers can use it
+
     sizes: tuple[int, ...]
     activation: str = "tanh"
     output_activation: str = "linear"
@@ -109,7 +111,7 @@ class MLP:
 
     def layer_ops(self) -> tuple[LayerOp, ...]:
         """Each layer's ``op(x, w) = x @ w`` and input shape ``(din,)``, for rules whose
-        ``jax.grad`` form updates their state layer by layer (`LearningRule.advance`)."""
+        ``jax.grad`` form updates their state layer by layer (`TapeRule.advance`)."""
         return tuple(LayerOp(_matmul, (din,)) for din in self.sizes[:-1])
 
     def _check_input(self, x: Array) -> None:

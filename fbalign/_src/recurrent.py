@@ -40,6 +40,8 @@ class RNN:
     * ``"dfa"``: ``B`` of shape ``(dout, H)``, one matrix shared by all time steps.
     """
 
+    layer_structure = True  # rules that send errors through layers can use it
+
     input_size: int
     hidden_size: int
     output_size: int

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from fbalign._src.base import LearningRule
+from fbalign._src.base import LearningRule, TapeRule
 from fbalign._src.rules.backprop import backprop
 from fbalign._src.rules.bidirectional import (
     bidirectional_direct_feedback_alignment,
@@ -13,6 +13,7 @@ from fbalign._src.rules.bidirectional import (
 )
 from fbalign._src.rules.drtp import direct_random_target_projection
 from fbalign._src.rules.feedback_alignment import direct_feedback_alignment, feedback_alignment
+from fbalign._src.rules.forward_gradient import forward_gradient
 from fbalign._src.rules.kolen_pollack import kolen_pollack, weight_mirror
 from fbalign._src.rules.random_backprop import (
     adaptive_random_backprop,
@@ -31,11 +32,11 @@ class RuleSpec(NamedTuple):
     """A registered rule: its constructor, the `MLP.apply` mode of its ``jax.grad`` form (None
     when it has no primitive form), and a one-line description with the paper."""
 
-    make: Callable[..., LearningRule]
+    make: Callable[..., TapeRule | LearningRule]
     grad_mode: str | None
     description: str
     # True when `update` changes the feedback state (learned or redrawn feedback). Its jax.grad
-    # form then needs the rule's `advance` (LearningRule) to move the state; rules without one
+    # form then needs the rule's `advance` (TapeRule) to move the state; rules without one
     # (their state update needs the recorded activations) train only in the explicit form.
     stateful: bool = False
     # Options of the constructor that change the jax.grad form: kwargs -> (mode, apply kwargs).
@@ -106,10 +107,13 @@ RULES: dict[str, RuleSpec] = {
                      "bidirectional direct feedback alignment, Luo et al. 2017", stateful=True),
     "drtp": RuleSpec(direct_random_target_projection, "drtp",
                      "direct random target projection, Frenkel et al. 2021"),
+    # Rules with a step of their own (LearningRule): no tape, no jax.grad form.
+    "fg": RuleSpec(forward_gradient, None,
+                   "forward gradient (weight perturbation), Baydin et al. 2022"),
 }
 
 
-def get_rule(name: str, **kwargs: Any) -> LearningRule:
+def get_rule(name: str, **kwargs: Any) -> TapeRule | LearningRule:
     """Builds the rule registered as ``name`` (``fbalign.rules.RULES`` lists them)."""
     try:
         spec = RULES[name]

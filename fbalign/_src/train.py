@@ -17,12 +17,14 @@ import optax
 
 from fbalign._src.base import (
     Array,
+    Batch,
     LearningRule,
     Params,
     PRNGKey,
     RuleState,
-    check_state_dtypes,
-    rule_feedback,
+    StepContext,
+    TapeRule,
+    check_network,
 )
 from fbalign._src.checkpoint import (
     CHECKPOINT_DIR,
@@ -36,11 +38,10 @@ from fbalign._src.checkpoint import (
     tree_paths,
 )
 from fbalign._src.data import Dataset
+from fbalign._src.lift import as_learning_rule, is_tape_rule, resolve_form, through_primitives
 from fbalign._src.losses import Loss, get_loss
-from fbalign._src.registry import RULES, get_rule, grad_form
+from fbalign._src.wrap import is_seeded
 
-FORMS = ("explicit", "grad")
-LABEL_MODES = ("drtp", "bdfa")
 NONFINITE_MODES = ("stop", "skip")
 
 
@@ -63,57 +64,24 @@ class TrainState(NamedTuple):
     step: Array
 
 
-def _resolve_rule(rule: LearningRule | str, rule_kwargs: dict | None) -> tuple[LearningRule, str]:
-    rule, mode, _ = _resolve_rule_form(rule, rule_kwargs)
-    return rule, mode
-
-
-def _resolve_rule_form(
-    rule: LearningRule | str, rule_kwargs: dict | None
-) -> tuple[LearningRule, str | None, dict]:
-    """The rule object, its grad-form ``apply`` mode and extra ``apply`` keywords."""
-    if isinstance(rule, str):
-        built = get_rule(rule, **(rule_kwargs or {}))
-        mode, apply_kwargs = grad_form(rule, rule_kwargs)
-        return built, mode, apply_kwargs
-    if not isinstance(rule, LearningRule):
-        raise TypeError(f"rule must be a LearningRule or a registered name, got {type(rule)}")
-    return rule, None, {}
-
-
-def _check_form(rule: LearningRule | str, form: str, rule_kwargs: dict | None = None) -> None:
-    if form != "grad" or not isinstance(rule, str) or rule not in RULES:
-        return
-    if RULES[rule].stateful and get_rule(rule, **(rule_kwargs or {})).advance is None:
-        raise ValueError(
-            f"rule {rule!r} changes its feedback state every step in a way its jax.grad form "
-            "cannot compute (it needs the explicit form's recorded activations); train it with "
-            "form='explicit' (the default, --form explicit) on a dense model")
-
-
 def _resolve_loss(loss: Loss | str) -> Loss:
     return get_loss(loss) if isinstance(loss, str) else loss
 
 
-def init_rule_state(
-    model: Any, rule: LearningRule | str, key: PRNGKey, params: Params,
-    rule_kwargs: dict | None = None,
-) -> RuleState:
-    """``rule.init(key, params)``, unless the model knows better (``model.init_rule_state``).
+AnyRule = LearningRule | TapeRule | str
 
-    Convolutional models override this for rules whose feedback shapes depend on activation
-    shapes that the parameters alone do not reveal (DFA on feature maps); given a rule *name*
-    they also pick layer-aware feedback scales.
-    """
-    hook = getattr(model, "init_rule_state", None)
-    if hook is not None:
-        return hook(rule, key, params, **(rule_kwargs or {}) if isinstance(rule, str) else {})
-    rule, _ = _resolve_rule(rule, rule_kwargs)
-    return rule.init(key, params)
+
+def init_rule_state(
+    model: Any, rule: AnyRule, key: PRNGKey, params: Params, rule_kwargs: dict | None = None,
+) -> RuleState:
+    """``rule.init(key, params, model)`` of the `LearningRule` the harness trains (a tape rule's
+    lift asks ``model.init_rule_state`` first: conv nets size DFA feedback by their feature
+    maps and, given a rule *name*, pick layer-aware feedback scales)."""
+    return as_learning_rule(rule, rule_kwargs=rule_kwargs).init(key, params, model)
 
 
 def init_train_state(
-    model: Any, rule: LearningRule | str, optimizer: optax.GradientTransformation, key: PRNGKey,
+    model: Any, rule: AnyRule, optimizer: optax.GradientTransformation, key: PRNGKey,
     rule_kwargs: dict | None = None,
 ) -> TrainState:
     """Draws parameters (``model.init``), rule state and optimizer state from one key."""
@@ -125,7 +93,7 @@ def init_train_state(
 
 def compute_updates(
     model: Any,
-    rule: LearningRule,
+    rule: TapeRule | LearningRule,
     loss: Loss,
     params: Params,
     rule_state: RuleState,
@@ -138,47 +106,22 @@ def compute_updates(
 ) -> tuple[Array, Array, Params, RuleState]:
     """One rule evaluation on a batch: returns ``(loss, output, updates, new_rule_state)``.
 
-    ``form="explicit"`` runs ``model.forward`` and ``rule.update`` on the recorded tape;
-    ``form="grad"`` takes ``jax.grad`` of ``loss(model.apply(params, x, feedback, grad_mode,
-    **apply_kwargs))``, the primitive path, with the feedback `rule_feedback` gives. The state is
-    returned unchanged, unless the rule has an ``advance`` (`LearningRule`): then ``jax.grad``
-    also differentiates the feedback and ``rule.advance`` turns that into the next state, given
-    ``key`` and ``model.layer_ops()``.
+    A `TapeRule` runs lifted: ``form="explicit"`` (`fbalign.rules.explicit`: ``model.forward``
+    and ``rule.update`` on the recorded tape) or ``form="grad"``
+    (`fbalign.rules.through_primitives`: ``jax.grad`` of ``loss(model.apply(params, x,
+    feedback, grad_mode, **apply_kwargs))``, then ``rule.advance`` for rules whose state
+    moves). A `LearningRule` runs its own ``step``.
     """
-    check_state_dtypes(params, rule_state)
-    if form == "explicit":
-        out, tape = model.forward(params, x)
-        loss_val, err = jax.value_and_grad(lambda o: loss(o, y))(out)
-        updates, rule_state = rule.update(params, rule_state, tape, err, key=key, labels=y)
-        return loss_val, out, updates, rule_state
-    if form == "grad":
+    if isinstance(rule, TapeRule) and form == "grad":
         if grad_mode is None:
             raise ValueError("form='grad' needs the rule's grad_mode (use a registered rule name "
                              "or pass grad_mode=); this rule may have no primitive form")
-        feedback = rule_feedback(rule, params, rule_state)
-        # Label-driven modes (DRTP) read the targets in their backward pass.
-        extra = {"labels": y} if grad_mode in LABEL_MODES else {}
-        extra.update(apply_kwargs or {})
-
-        def f(p, fb):
-            o = model.apply(p, x, fb, grad_mode, **extra)
-            return loss(o, y), o
-
-        if rule.advance is None:
-            (loss_val, out), updates = jax.value_and_grad(f, has_aux=True)(params, feedback)
-            return loss_val, out, updates, rule_state
-        # Rules whose state moves every step: jax.grad also returns the feedback's cotangent
-        # (KP's and ARBP's primitives put the feedback update there), then the rule advances.
-        (loss_val, out), (updates, fb_grads) = jax.value_and_grad(
-            f, argnums=(0, 1), has_aux=True
-        )(params, feedback)
-        layer_ops = getattr(model, "layer_ops", None)
-        updates, rule_state = rule.advance(
-            params, rule_state, updates, fb_grads, key=key,
-            layers=layer_ops() if layer_ops is not None else None,
-        )
-        return loss_val, out, updates, rule_state
-    raise ValueError(f"unknown form {form!r}; valid: {', '.join(FORMS)}")
+        lifted = through_primitives(rule, grad_mode, apply_kwargs)
+    else:
+        lifted = as_learning_rule(rule, form)
+    updates, rule_state, out = lifted.step(params, rule_state, Batch(x, y), key,
+                                           StepContext(model, loss))
+    return out.loss, out.output, updates, rule_state
 
 
 def _batch_metrics(loss_val: Array, out: Array, y: Array) -> dict[str, Array]:
@@ -190,7 +133,7 @@ def _batch_metrics(loss_val: Array, out: Array, y: Array) -> dict[str, Array]:
 
 def make_train_step(
     model: Any,
-    rule: LearningRule | str,
+    rule: AnyRule,
     optimizer: optax.GradientTransformation,
     loss: Loss | str = "cross_entropy",
     *,
@@ -200,18 +143,21 @@ def make_train_step(
     jit: bool = True,
     axis_name: str | None = None,
     on_nonfinite: str | None = None,
-) -> Callable[[TrainState, Array, Array], tuple[TrainState, dict[str, Array]]]:
-    """Builds ``step(state, x, y) -> (state, metrics)``: forward, rule, optimizer, in one jit.
+) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
+    """Builds ``step(state, x, y, index=None) -> (state, metrics)``: the rule's step and the
+    optimizer, in one jit. ``index`` (the batch's positions in the training set) reaches the
+    rule as ``Batch.index``.
 
     Args:
-      model: an object with ``init``, ``forward`` (explicit form) and ``apply`` (grad form),
-        such as `fbalign.models.mlp`.
-      rule: a `LearningRule` or a registered rule name (``fbalign.rules.RULES``).
+      model: an object with ``init`` and ``apply``, such as `fbalign.models.mlp` (tape rules
+        also need ``forward``, which records a `Tape`), or a wrapped Flax/Equinox model.
+      rule: a `LearningRule`, a `TapeRule` (lifted in ``form``) or a registered rule name
+        (``fbalign.rules.RULES``).
       optimizer: any optax transformation; it only ever sees ``params`` (feedback lives in the
         rule state, so weight decay never touches it).
       loss: a loss ``(output, target) -> scalar`` (mean over the batch) or its name.
-      form: ``"explicit"`` (``rule.update`` on the tape) or ``"grad"`` (``jax.grad`` through
-        the primitives).
+      form: for tape rules, ``"explicit"`` (``rule.update`` on the tape) or ``"grad"``
+        (``jax.grad`` through the primitives); see `fbalign.rules.as_learning_rule`.
       grad_mode: the ``model.apply`` mode for ``form="grad"``; looked up when ``rule`` is a name.
       rule_kwargs: keyword arguments for the rule constructor when ``rule`` is a name.
       jit: compile the step (donating the old state's buffers).
@@ -225,32 +171,29 @@ def make_train_step(
         on device (no host sync). ``"skip"`` also keeps the old params, optimizer and rule
         state when any flag is set (the step counter and RNG key still advance).
     """
-    _check_form(rule, form, rule_kwargs)
-    rule, looked_up, apply_kwargs = _resolve_rule_form(rule, rule_kwargs)
-    if grad_mode is not None and grad_mode != looked_up:
-        apply_kwargs = {}  # an explicit mode overrides the registry's grad form
-    grad_mode = grad_mode or looked_up
+    rule = as_learning_rule(rule, form, grad_mode, rule_kwargs, model)
+    check_network(rule, model)
     loss = _resolve_loss(loss)
-    if form not in FORMS:
-        raise ValueError(f"unknown form {form!r}; valid: {', '.join(FORMS)}")
+    context = StepContext(model, loss, axis_name)
     if on_nonfinite is not None and on_nonfinite not in NONFINITE_MODES:
         raise ValueError(f"unknown on_nonfinite {on_nonfinite!r}; valid: None, "
                          f"{', '.join(NONFINITE_MODES)}")
 
-    def rule_step(params, rule_state, x, y, key):
-        loss_val, out, updates, rule_state = compute_updates(
-            model, rule, loss, params, rule_state, x, y, key, form, grad_mode, apply_kwargs
-        )
-        return updates, rule_state, _batch_metrics(loss_val, out, y)
+    def rule_step(params, rule_state, x, y, key, index=None):
+        updates, rule_state, out = rule.step(params, rule_state, Batch(x, y, index), key,
+                                             context)
+        return updates, rule_state, {**_batch_metrics(out.loss, out.output, y),
+                                     **(out.metrics or {})}
 
     if axis_name is not None:
         from fbalign._src.distributed import data_parallel
 
         rule_step = data_parallel(rule_step, axis_name, replicated_argnums=(0, 1))
 
-    def step(state: TrainState, x: Array, y: Array):
+    def step(state: TrainState, x: Array, y: Array, index: Array | None = None):
         key, sub = jax.random.split(state.key)
-        updates, rule_state, metrics = rule_step(state.params, state.rule_state, x, y, sub)
+        updates, rule_state, metrics = rule_step(state.params, state.rule_state, x, y, sub,
+                                                 *(() if index is None else (index,)))
         raw_updates = updates
         updates, opt_state = optimizer.update(updates, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -360,7 +303,7 @@ def make_epoch_runner(step: Callable, batch_size: int, chunk: int, ensemble: boo
         def body(carry, i):
             idx = jax.lax.dynamic_slice_in_dim(perm, (start + i) * batch_size, batch_size,
                                                axis=perm.ndim - 1)
-            carry, m = one(carry, x_all[idx], y_all[idx])
+            carry, m = one(carry, x_all[idx], y_all[idx], idx)
             return carry, m
 
         state, ms = jax.lax.scan(body, state, jnp.arange(chunk))
@@ -419,7 +362,7 @@ def _summarise(values: list[float]) -> dict[str, float]:
 
 def fit(
     model: Any,
-    rule: LearningRule | str,
+    rule: AnyRule,
     optimizer: optax.GradientTransformation,
     data: Dataset,
     *,
@@ -510,10 +453,22 @@ def fit(
         raise ValueError("pass either state or resume=True, not both")
     ensemble = seeds is not None
     impl = resolve_ensemble_impl(ensemble_impl, model)
-    _check_form(rule, form, rule_kwargs)
+    if not isinstance(rule, (LearningRule, TapeRule, str)):
+        raise TypeError("rule must be a LearningRule, a TapeRule or a registered name, got "
+                        f"{type(rule).__name__}")
+    if is_tape_rule(rule, rule_kwargs):
+        form = resolve_form(form, model)  # the fingerprint records the form that runs
+    rule = as_learning_rule(rule, form, grad_mode, rule_kwargs, model)
+    check_network(rule, model)
+    if seeds is not None and seeds > 1 and not is_seeded(model):
+        warnings.warn(f"{type(model).__name__} wraps one model instance, so all {seeds} seeds "
+                      "start from the same weights (only feedback, data order and rule noise "
+                      "differ); pass a factory (from_nnx(lambda rngs: Model(..., rngs=rngs)), "
+                      "from_equinox(lambda key: ...)) to draw weights per seed",
+                      RuntimeWarning, stacklevel=2)
+    rule_kwargs = None  # built into the rule
     loss_fn = _resolve_loss(loss)
-    step = make_train_step(model, rule, optimizer, loss_fn, form=form, grad_mode=grad_mode,
-                           rule_kwargs=rule_kwargs, jit=False,
+    step = make_train_step(model, rule, optimizer, loss_fn, jit=False,
                            on_nonfinite=on_nonfinite,
                            axis_name=None if devices is None else "data")
     steps_per_epoch = n // batch_size

@@ -7,23 +7,23 @@ from typing import Any
 from fbalign._src.base import (
     Array,
     EmptyState,
-    LearningRule,
     Params,
     PRNGKey,
     Tape,
+    TapeRule,
     chain_updates,
     dense_layers,
 )
 
 
-def backprop() -> LearningRule:
+def backprop() -> TapeRule:
     """Exact backpropagation (Rumelhart, Hinton & Williams 1986) on a dense chain.
 
     ``delta_{l-1} = (delta_l @ W_l.T) * f'(a_{l-1})``, ``dW_l = x_l.T @ delta_l``. Equals
     ``jax.grad`` of the loss; it exists so that every rule shares one code path and one test bed.
 
     Returns:
-      A `LearningRule` with an empty state.
+      A `TapeRule` with an empty state.
     """
 
     def init_fn(key: PRNGKey, params: Params) -> EmptyState:
@@ -36,4 +36,4 @@ def backprop() -> LearningRule:
         updates = chain_updates(params, tape, error, lambda i, d: d @ layers[i][0].T)
         return updates, state
 
-    return LearningRule(init_fn, update_fn)
+    return TapeRule(init_fn, update_fn)

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 
 from fbalign._src.base import (
     Array,
-    LearningRule,
     Params,
     PRNGKey,
     Tape,
+    TapeRule,
     chain_updates,
     check_feedback_shapes,
     dense_layers,
@@ -60,7 +60,7 @@ def bidirectional_feedback_alignment(
     input_activation: str | Callable[[Array], Array] = "linear",
     init: str | Initializer = "gaussian",
     scale: float | None = None,
-) -> LearningRule:
+) -> TapeRule:
     r"""Bidirectional FA (BFA): W and B each learn with the other as their feedback.
 
     *Forward learning* is feedback alignment through the current ``B`` (row-major, ``B_l`` of
@@ -91,7 +91,7 @@ def bidirectional_feedback_alignment(
       scale: the initialiser's std/limit/gain.
 
     Returns:
-      A `LearningRule` with `BidirectionalFeedbackAlignmentState`; ``update`` needs
+      A `TapeRule` with `BidirectionalFeedbackAlignmentState`; ``update`` needs
       ``labels=`` (class indices or targets of the output's shape). Its forward updates have
       the ``jax.grad`` form ``MLP.apply(..., mode="fa")``.
 
@@ -150,7 +150,7 @@ def bidirectional_feedback_alignment(
             new_fb.append(fb[i] - learning_rate * (eps.T @ gs[i]))
         return updates, BidirectionalFeedbackAlignmentState(tuple(new_fb))
 
-    return LearningRule(init_fn, update_fn)
+    return TapeRule(init_fn, update_fn)
 
 
 class BidirectionalDirectFeedbackAlignmentState(NamedTuple):
@@ -165,7 +165,7 @@ def bidirectional_direct_feedback_alignment(
     learning_rate: float = 0.01,
     init: str | Initializer = "gaussian",
     scale: float | None = None,
-) -> LearningRule:
+) -> TapeRule:
     r"""Bidirectional direct FA (BDFA): DFA whose direct feedback learns top-down from the target.
 
     *Forward learning* is direct feedback alignment through the current ``B`` (row-major,
@@ -204,7 +204,7 @@ def bidirectional_direct_feedback_alignment(
       scale: the initialiser's std/limit/gain.
 
     Returns:
-      A `LearningRule` with `BidirectionalDirectFeedbackAlignmentState`; ``update`` needs
+      A `TapeRule` with `BidirectionalDirectFeedbackAlignmentState`; ``update`` needs
       ``labels=`` (class indices or targets of the output's shape). Its ``jax.grad`` form is
       ``MLP.apply(..., mode="bdfa", labels=...)`` (or ``LeNet5.apply``: B_l then predicts a
       conv feature map): the parameters get DFA's updates and each ``B_l`` its backward-loss
@@ -262,4 +262,4 @@ def bidirectional_direct_feedback_alignment(
     # each B_l the gradient of the backward loss above, on dense layers or feature maps.
     advance_fn = descending_advance(BidirectionalDirectFeedbackAlignmentState, learning_rate)
 
-    return LearningRule(init_fn, update_fn, advance_fn)
+    return TapeRule(init_fn, update_fn, advance_fn)

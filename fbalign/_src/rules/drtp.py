@@ -7,10 +7,10 @@ from typing import Any, NamedTuple
 
 from fbalign._src.base import (
     Array,
-    LearningRule,
     Params,
     PRNGKey,
     Tape,
+    TapeRule,
     chain_updates,
     check_feedback_shapes,
     dense_layers,
@@ -30,7 +30,7 @@ class DirectRandomTargetProjectionState(NamedTuple):
 
 def direct_random_target_projection(
     init: str | Initializer = "gaussian", scale: float | None = None
-) -> LearningRule:
+) -> TapeRule:
     r"""DRTP: every hidden layer receives a fixed random projection of the one-hot target.
 
     .. math::
@@ -47,7 +47,7 @@ def direct_random_target_projection(
       scale: the initialiser's std/limit/gain; None picks ``1/sqrt(n_out)``-style scaling.
 
     Returns:
-      A `LearningRule` with `DirectRandomTargetProjectionState`; ``update`` needs ``labels=``
+      A `TapeRule` with `DirectRandomTargetProjectionState`; ``update`` needs ``labels=``
       (class indices or targets of the output's shape). ``jax.grad`` form:
       ``MLP.apply(..., mode="drtp", labels=labels)``.
 
@@ -88,4 +88,4 @@ def direct_random_target_projection(
         updates = chain_updates(params, tape, error, lambda i, d: project_error(t, fb[i - 1]))
         return updates, state
 
-    return LearningRule(init_fn, update_fn)
+    return TapeRule(init_fn, update_fn)

@@ -8,10 +8,10 @@ import jax
 
 from fbalign._src.base import (
     Array,
-    LearningRule,
     Params,
     PRNGKey,
     Tape,
+    TapeRule,
     chain_updates,
     check_feedback_shapes,
     dense_layers,
@@ -64,7 +64,7 @@ def _draw(key: PRNGKey, shapes, init, scale, dtype, fan_axis: int):
 
 def feedback_alignment(
     init: str | Initializer = "gaussian", scale: float | None = None
-) -> LearningRule:
+) -> TapeRule:
     r"""Feedback alignment: the error travels down through fixed random matrices ``B_l``.
 
     .. math::
@@ -79,7 +79,7 @@ def feedback_alignment(
       scale: the initialiser's std/limit/gain; None picks ``1/sqrt(dout)``-style scaling.
 
     Returns:
-      A `LearningRule` whose state is `FeedbackAlignmentState`.
+      A `TapeRule` whose state is `FeedbackAlignmentState`.
 
     References:
       Lillicrap, Cownden, Tweed & Akerman (2016), "Random synaptic feedback weights support
@@ -103,12 +103,12 @@ def feedback_alignment(
         updates = chain_updates(params, tape, error, lambda i, d: d @ fb[i].T)
         return updates, state
 
-    return LearningRule(init_fn, update_fn)
+    return TapeRule(init_fn, update_fn)
 
 
 def direct_feedback_alignment(
     init: str | Initializer = "gaussian", scale: float | None = None
-) -> LearningRule:
+) -> TapeRule:
     r"""Direct feedback alignment: every hidden layer receives the output error directly.
 
     .. math::
@@ -123,7 +123,7 @@ def direct_feedback_alignment(
       scale: the initialiser's std/limit/gain; None picks ``1/sqrt(n_out)``-style scaling.
 
     Returns:
-      A `LearningRule` whose state is `DirectFeedbackAlignmentState`.
+      A `TapeRule` whose state is `DirectFeedbackAlignmentState`.
 
     References:
       Nokland (2016), "Direct feedback alignment provides learning in deep neural networks",
@@ -156,4 +156,4 @@ def direct_feedback_alignment(
             params, tape, error, lambda i, d: project_error(out_delta, fb[i - 1]))
         return updates, state
 
-    return LearningRule(init_fn, update_fn)
+    return TapeRule(init_fn, update_fn)

@@ -11,10 +11,10 @@ import jax
 from fbalign._src.base import (
     Array,
     LayerOp,
-    LearningRule,
     Params,
     PRNGKey,
     Tape,
+    TapeRule,
     chain_updates,
     check_feedback_shapes,
     dense_layers,
@@ -44,7 +44,7 @@ def kolen_pollack(
     scale: float | None = None,
     *,
     decay_params: bool = True,
-) -> LearningRule:
+) -> TapeRule:
     r"""Kolen-Pollack: B receives the same update and the same weight decay as W.
 
     Errors travel as in feedback alignment, ``\delta_{l-1} = (\delta_l B_l^\top) \odot
@@ -70,7 +70,7 @@ def kolen_pollack(
       decay_params: add ``\lambda W_l`` to the returned weight updates.
 
     Returns:
-      A `LearningRule` whose state, `KolenPollackState`, holds B. ``jax.grad`` form:
+      A `TapeRule` whose state, `KolenPollackState`, holds B. ``jax.grad`` form:
       ``MLP.apply(..., mode="kp")`` (or ``LeNet5.apply``, `kp_conv`) returns ``G_l`` for ``W_l``
       and for ``B_l`` (`kp_matmul`); ``advance`` then applies the B update and the decay, so
       KP trains conv nets too (``form="grad"``).
@@ -120,7 +120,7 @@ def kolen_pollack(
         del key, layers
         return step(params, state.feedback, updates, feedback_grads)
 
-    return LearningRule(init_fn, update_fn, advance_fn)
+    return TapeRule(init_fn, update_fn, advance_fn)
 
 
 def mirror_step(b: Array, w: Array, noise: Array, learning_rate: float, weight_decay: float):
@@ -175,7 +175,7 @@ def weight_mirror(
     steps: int = 1,
     init: str | Initializer = "gaussian",
     scale: float | None = None,
-) -> LearningRule:
+) -> TapeRule:
     r"""Weight mirror: feedback alignment whose B learns W's direction in a noise-driven phase.
 
     *Engaged mode* (learning): the forward weights get feedback-alignment updates through the
@@ -199,7 +199,7 @@ def weight_mirror(
       scale: the initialiser's std/limit/gain.
 
     Returns:
-      A `LearningRule` with `WeightMirrorState`; ``update`` needs ``key=`` (the mirror noise).
+      A `TapeRule` with `WeightMirrorState`; ``update`` needs ``key=`` (the mirror noise).
       Its forward updates have the ``jax.grad`` form ``MLP.apply(..., mode="fa")`` (or
       ``LeNet5.apply``); ``advance`` runs the mirror phase on the model's `LayerOp` list
       (`mirror_op_step`: conv layers are driven by noise images of their input shape).
@@ -276,4 +276,4 @@ def weight_mirror(
             )
         return updates, WeightMirrorState(mirror(key, params, state.feedback, layers))
 
-    return LearningRule(init_fn, update_fn, advance_fn)
+    return TapeRule(init_fn, update_fn, advance_fn)

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 
 from fbalign._src.base import (
     Array,
-    LearningRule,
     Params,
     PRNGKey,
     Tape,
+    TapeRule,
     chain_updates,
     check_feedback_shapes,
     dense_layers,
@@ -95,7 +95,7 @@ def random_backprop(
     nonzeros: int | None = None,
     error_bits: int | None = None,
     derivative: bool = True,
-) -> LearningRule:
+) -> TapeRule:
     r"""Random backpropagation (RBP) and the variants of the learning channel of Baldi et al.
 
     Row-major notation (``a_l = x_l W_l + b_l``, ``W_l`` of shape ``(din, dout)``); ``e`` is
@@ -148,7 +148,7 @@ def random_backprop(
       derivative: multiply by ``f'(a_l)`` in hidden layers.
 
     Returns:
-      A `LearningRule` with `RandomBackpropState`. ``jax.grad`` forms: ``MLP.apply`` with mode
+      A `TapeRule` with `RandomBackpropState`. ``jax.grad`` forms: ``MLP.apply`` with mode
       ``"fa"`` (RBP, sparse), ``"dfa"`` (SRBP), ``"kp"`` (ARBP: the feedback's gradient is the
       channel update), ``"adfa"`` (ASRBP: the skip channel's gradient is ``e^T h_l``), and the
       options ``derivative=``/``error_bits=`` of ``MLP.apply``; ``advance`` applies ARBP's and
@@ -218,12 +218,12 @@ def random_backprop(
     # skip channel's cotangent is e^T h_l (`dfa_hidden`, "activity").
     advance_fn = descending_advance(RandomBackpropState, learning_rate)
 
-    return LearningRule(init_fn, update_fn, advance_fn if adaptive else None)
+    return TapeRule(init_fn, update_fn, advance_fn if adaptive else None)
 
 
 def skipped_random_backprop(
     init: str | Initializer = "gaussian", scale: float | None = None, **options: Any
-) -> LearningRule:
+) -> TapeRule:
     """Skipped RBP (SRBP): the output error goes straight to every hidden layer through fixed
     random ``(n_out, n_l)`` matrices; `random_backprop` with ``skip=True`` (options as there)."""
     return random_backprop(init, scale, skip=True, **options)
@@ -234,7 +234,7 @@ def adaptive_random_backprop(
     init: str | Initializer = "gaussian",
     scale: float | None = None,
     **options: Any,
-) -> LearningRule:
+) -> TapeRule:
     """Adaptive RBP (ARBP): the channel ``C_l`` learns by ``C_l -= lr * x_l^T delta_l``, the
     forward weights' own local update; `random_backprop` with ``adaptive=True``."""
     return random_backprop(init, scale, adaptive=True, learning_rate=learning_rate, **options)
@@ -245,7 +245,7 @@ def adaptive_skipped_random_backprop(
     init: str | Initializer = "gaussian",
     scale: float | None = None,
     **options: Any,
-) -> LearningRule:
+) -> TapeRule:
     """Adaptive skipped RBP (ASRBP): SRBP whose skip matrices ``C_l`` (``(n_out, n_l)``) learn by
     ``C_l -= lr * delta_out^T h_l``, the product of the output error and the hidden activity at
     the two ends of the channel (ARBP's rule on the skip connection; our reading, as the paper
@@ -262,7 +262,7 @@ def sparse_random_backprop(
     *,
     nonzeros: int | None = None,
     **options: Any,
-) -> LearningRule:
+) -> TapeRule:
     """Sparse RBP: each receiving unit keeps ``max(1, round(density * fan))`` nonzero channel
     weights, or exactly ``nonzeros`` of them (``nonzeros=1``: one per unit). Options as in
     `random_backprop` (e.g. ``skip=True`` for sparse SRBP)."""
@@ -274,7 +274,7 @@ def quantized_random_backprop(
     init: str | Initializer = "gaussian",
     scale: float | None = None,
     **options: Any,
-) -> LearningRule:
+) -> TapeRule:
     """RBP whose channel carries ``bits``-bit signals (at most ``2**bits`` levels per example);
     `random_backprop` with ``error_bits=bits`` (``skip=True`` quantises SRBP's channel)."""
     return random_backprop(init, scale, error_bits=bits, **options)
@@ -282,7 +282,7 @@ def quantized_random_backprop(
 
 def derivative_free_random_backprop(
     init: str | Initializer = "gaussian", scale: float | None = None, **options: Any
-) -> LearningRule:
+) -> TapeRule:
     """RBP without the activation derivative in hidden layers (``f'`` replaced by 1), the
     variant Baldi et al. show to fail; `random_backprop` with ``derivative=False``."""
     return random_backprop(init, scale, derivative=False, **options)

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 
 from fbalign._src.base import (
     Array,
-    LearningRule,
     Params,
     PRNGKey,
     Tape,
+    TapeRule,
     chain_updates,
     check_feedback_shapes,
     dense_layers,
@@ -89,7 +89,7 @@ def sign_feedback(w: Array, magnitude: Array) -> Array:
 
 def sign_symmetry(
     magnitude: Magnitude = "uniform", scale: float | None = None, distribution: str = "uniform"
-) -> LearningRule:
+) -> TapeRule:
     r"""Sign symmetry: feedback alignment through ``B_l = sign(W_l) \odot M_l``.
 
     .. math::
@@ -97,7 +97,7 @@ def sign_symmetry(
         \delta_{l-1} = \big(\delta_l\, (\mathrm{sign}(W_l) \odot M_l)^\top\big) \odot f'(a_{l-1}),
         \quad \Delta W_l = x_l^\top \delta_l
 
-    with ``W_l`` of shape ``(din, dout)`` (row-major, see `fbalign.rules.LearningRule`). The
+    with ``W_l`` of shape ``(din, dout)`` (row-major, see `fbalign.rules.TapeRule`). The
     sign is read from the current forward weights at every step; only magnitudes are chosen:
 
     * ``"uniform"`` (uSF): ``M_l = s`` one scalar per layer;
@@ -119,7 +119,7 @@ def sign_symmetry(
       distribution: ``"uniform"`` or ``"normal"``, the law of ``R_l`` for frSF and brSF.
 
     Returns:
-      A `LearningRule` whose state is `SignSymmetryState` (`BatchRandomSignState` for brSF).
+      A `TapeRule` whose state is `SignSymmetryState` (`BatchRandomSignState` for brSF).
       Its ``jax.grad`` form is ``MLP.apply(..., feedback=magnitudes, mode="sign")`` with
       ``magnitudes = fbalign.rules.rule_feedback(rule, params, state)``.
 
@@ -204,22 +204,22 @@ def sign_symmetry(
         return updates, BatchRandomSignState(key)
 
     if magnitude == "batch_random":
-        return LearningRule(init_fn, update_fn, advance_fn, magnitudes_of)
-    return LearningRule(init_fn, update_fn)
+        return TapeRule(init_fn, update_fn, advance_fn, magnitudes_of)
+    return TapeRule(init_fn, update_fn)
 
 
-def usf(scale: float | None = None) -> LearningRule:
+def usf(scale: float | None = None) -> TapeRule:
     """Uniform sign-concordant feedback (uSF): ``B_l = s * sign(W_l)``; see `sign_symmetry`."""
     return sign_symmetry("uniform", scale)
 
 
-def frsf(scale: float | None = None, distribution: str = "uniform") -> LearningRule:
+def frsf(scale: float | None = None, distribution: str = "uniform") -> TapeRule:
     """Fixed random-magnitude sign-concordant feedback (frSF): ``B_l = |M_l| * sign(W_l)`` with
     ``M_l`` drawn once; see `sign_symmetry`."""
     return sign_symmetry("fixed_random", scale, distribution)
 
 
-def brsf(scale: float | None = None, distribution: str = "uniform") -> LearningRule:
+def brsf(scale: float | None = None, distribution: str = "uniform") -> TapeRule:
     """Batchwise random-magnitude sign-concordant feedback (brSF): ``|M_l|`` redrawn every batch
     from ``update``'s ``key``; see `sign_symmetry`."""
     return sign_symmetry("batch_random", scale, distribution)

@@ -25,10 +25,10 @@ import optax
 
 from fbalign._src.base import (
     Array,
-    LearningRule,
     Params,
     PRNGKey,
     Tape,
+    TapeRule,
     dense_grads,
     dense_layers,
 )
@@ -232,7 +232,7 @@ def synthetic_gradients(
     warmup_steps: int = 0,
     warmup_mode: str = "freeze",
     mix: float | Array = 0.0,
-) -> LearningRule:
+) -> TapeRule:
     r"""Decoupled neural interfaces with synthetic gradients on a dense chain.
 
     With ``h_l = f(a_l)`` the output of layer ``l`` and ``t_l`` the gradient arriving at ``h_l``
@@ -273,7 +273,7 @@ def synthetic_gradients(
         signal (0: pure synthetic, 1: backprop).
 
     Returns:
-      A `LearningRule` whose state is `SyntheticGradientState`.
+      A `TapeRule` whose state is `SyntheticGradientState`.
 
     References:
       Jaderberg, Czarnecki, Osindero, Vinyals, Graves, Silver & Kavukcuoglu (2017), "Decoupled
@@ -410,10 +410,10 @@ def synthetic_gradients(
         )
         return updates, new_state
 
-    return LearningRule(init_fn, update_fn)
+    return TapeRule(init_fn, update_fn)
 
 
-def dni(**kwargs: Any) -> LearningRule:
+def dni(**kwargs: Any) -> TapeRule:
     """Feedforward DNI: `synthetic_gradients` with unconditioned synthesizers.
 
     Keyword arguments are those of `synthetic_gradients` (except ``conditioned``).
@@ -423,7 +423,7 @@ def dni(**kwargs: Any) -> LearningRule:
     return synthetic_gradients(conditioned=False, **kwargs)
 
 
-def cdni(**kwargs: Any) -> LearningRule:
+def cdni(**kwargs: Any) -> TapeRule:
     """Conditional DNI: synthesizers also see the one-hot label (``update(..., labels=y)``).
 
     Keyword arguments are those of `synthetic_gradients` (except ``conditioned``).
