@@ -70,10 +70,10 @@ def test_equals_finite_difference_directional_derivatives_along_the_same_tangent
     eps = 1e-2
     want = jax.tree.map(jnp.zeros_like, params)
     for i in range(k):
-        v = jax.tree.map(lambda a: a[i], tangents)
+        v = jax.tree.map(lambda a, i=i: a[i], tangents)
         d = (f(jax.tree.map(lambda p, t: p + eps * t, params, v))
              - f(jax.tree.map(lambda p, t: p - eps * t, params, v))) / (2 * eps)
-        want = jax.tree.map(lambda w, t: w + d * t / k, want, v)
+        want = jax.tree.map(lambda w, t, d=d: w + d * t / k, want, v)
     assert_trees_close(updates, want, rtol=2e-3, atol=2e-4)
     # and it is a descent direction: g . grad f = mean_k d_k^2 >= 0
     g = jax.grad(lambda p: fb.cross_entropy(model.apply(p, x), y))(params)

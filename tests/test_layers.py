@@ -447,7 +447,7 @@ def test_recurrent_dfa_matches_hand_unrolled_reference():
     params = jax.jit(model.init)(_key(19))
     params["b"] = 0.1 * jnp.ones(5)
     xs, targets = _rand(20, (4, 3, 2), (4, 3, 3))
-    b = _init_rule_state(model, "dfa", 21, params)
+    b = _init_rule_state(model, "dfa", 21, params).feedback
     assert b.shape == (3, 5)
 
     def loss(p, mode, feedback=None, targets=targets):
@@ -478,7 +478,7 @@ def test_recurrent_fa_with_b_equal_w_is_bptt():
     bptt = grad(params, "bp")
     same = {"w_rec": params["w_rec"], "w_out": params["w_out"]}
     assert_trees_close(grad(params, "fa", same), bptt, 1e-5, 1e-6)
-    rand = _init_rule_state(model, "fa", 24, params)
+    rand = _init_rule_state(model, "fa", 24, params).feedback
     assert not np.allclose(grad(params, "fa", rand)["w_in"], bptt["w_in"], atol=1e-4)
 
 

@@ -11,8 +11,9 @@ from typing import Literal
 import pytest
 
 from fbalign._src import cli
-from fbalign._src.cli import UsageError, build_parser, main, parse_rule_args, parse_rule_value
+from fbalign._src.cli import UsageError, build_parser, main
 from fbalign._src.registry import RULES
+from fbalign._src.rule_args import parse_rule_args, parse_rule_value
 
 TINY = ["--dataset", "digits", "--hidden", "8", "--epochs", "1", "--no-progress",
         "--log-alignment-every", "0"]

@@ -3,28 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import ast
-import collections.abc
 import inspect
 import json
 import math
 import platform
 import shutil
 import sys
-import textwrap
 import time
-import types
-import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fbalign._src.rule_args import (
+    UsageError,
+    check_rule_builds,
+    parse_rule_args,
+    rule_arg_item,
+    rule_options,
+)
+
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
-MODELS = ("mlp", "lenet5")
-
-
-class UsageError(ValueError):
-    """A bad command-line value; the message says what is wrong and what is valid."""
+MODELS = ("mlp", "lenet5", "rnn")
 
 
 def _names(kind: str, valid: Sequence[str]) -> Callable[[str], str]:
@@ -85,7 +84,9 @@ def make_optimizer(name: str, lr: float, momentum: float = 0.0, weight_decay: fl
 
 def build_model(name: str, input_dim: int, output_dim: int, hidden: Sequence[int],
                 activation: str, output_activation: str):
-    """A model by CLI name: ``mlp`` or ``lenet5`` (28x28x1 inputs; ``hidden`` is ignored)."""
+    """A model by CLI name: ``mlp``, ``lenet5`` (28x28x1 inputs; ``hidden`` is ignored) or
+    ``rnn`` (square images read row by row, one hidden layer of ``hidden[0]`` units, classified
+    from the last step)."""
     from fbalign._src.models import mlp
 
     if name == "mlp":
@@ -97,6 +98,16 @@ def build_model(name: str, input_dim: int, output_dim: int, hidden: Sequence[int
             raise UsageError(f"--model lenet5 takes 28x28 images (784 inputs), got {input_dim} "
                              "inputs; use --dataset mnist")
         return lenet5(activation=activation, num_classes=output_dim)
+    if name == "rnn":
+        from fbalign._src.recurrent import rnn
+
+        side = math.isqrt(input_dim)
+        if side * side != input_dim or len(hidden) != 1:
+            raise UsageError(f"--model rnn reads square images row by row with one hidden "
+                             f"layer; got {input_dim} inputs and --hidden "
+                             f"{','.join(map(str, hidden))} (use --dataset digits or mnist and "
+                             "one width, e.g. --hidden 128)")
+        return rnn(side, hidden[0], output_dim, activation, time_major=False, readout="last")
     raise UsageError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
 
 
@@ -110,7 +121,7 @@ def _add_train_args(p: argparse.ArgumentParser, rule: bool = True) -> None:
     if rule:  # `fbalign compare` takes --rules instead
         p.add_argument("--rule", type=_names("rule", list(RULES)), default="dfa",
                        help=f"learning rule (default dfa). {rules_help}")
-        p.add_argument("--rule-arg", action="append", type=_rule_arg_item, default=None,
+        p.add_argument("--rule-arg", action="append", type=rule_arg_item, default=None,
                        metavar="NAME=VALUE",
                        help="set an option of the rule's constructor; repeatable, e.g. --rule kp "
                             "--rule-arg weight_decay=1e-3 --rule-arg learning_rate=0.05. VALUE is "
@@ -343,186 +354,12 @@ def _rule_kwargs(args) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# --rule-arg NAME=VALUE: constructor options of the rule, typed from its signature
+# --rule-arg NAME=VALUE: constructor options of the rule (parsed in `fbalign._src.rule_args`)
 
-_EMPTY = inspect.Parameter.empty
-_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 # Constructor options that other flags set: option -> (args attribute, flag).
 _FLAG_OPTIONS = {"init": ("feedback_init", "--feedback-init"),
                  "scale": ("feedback_scale", "--feedback-scale")}
 
-
-def _rule_arg_item(value: str) -> str:
-    """One ``--rule-arg`` item, checked to be ``NAME=VALUE`` (typed once the rule is known)."""
-    name, sep, _ = value.partition("=")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(
-            f"expected NAME=VALUE such as weight_decay=1e-3, got {value!r}")
-    return value
-
-
-def _forwarded(fn: Callable) -> tuple[Callable, int, set[str]] | None:
-    """``(callee, positional args, fixed keywords)`` when ``fn`` passes its ``**kwargs`` on to a
-    function of its module, e.g. ``random_backprop(init, scale, skip=True, **options)``."""
-    varkw = [p.name for p in inspect.signature(fn).parameters.values()
-             if p.kind is p.VAR_KEYWORD]
-    if not varkw:
-        return None
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    except (OSError, TypeError, SyntaxError):
-        return None
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and any(
-                k.arg is None and isinstance(k.value, ast.Name) and k.value.id == varkw[0]
-                for k in node.keywords):
-            callee = getattr(fn, "__globals__", {}).get(node.func.id)
-            if callable(callee):
-                return callee, len(node.args), {k.arg for k in node.keywords if k.arg}
-    return None
-
-
-def rule_options(make: Callable, _depth: int = 0) -> dict[str, tuple[Any, Any]]:
-    """Named options of rule constructor ``make``: name -> (type hint or None, default). Only
-    named parameters count; ``**kwargs`` that ``make`` passes on to another function (DNI's
-    `synthetic_gradients`) count as that function's named parameters it does not fix."""
-    try:
-        hints = typing.get_type_hints(make)
-    except Exception:  # unresolvable annotations: the defaults' types decide
-        hints = {}
-    params = inspect.signature(make).parameters.values()
-    out = {p.name: (None if hints.get(p.name, Any) is Any else hints[p.name], p.default)
-           for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    fwd = _forwarded(make) if _depth < 3 else None
-    if fwd:
-        callee, n_pos, fixed = fwd
-        fixed |= set(list(inspect.signature(callee).parameters)[:n_pos])
-        for name, spec in rule_options(callee, _depth + 1).items():
-            if name not in fixed and name not in out:
-                out[name] = spec
-    return out
-
-
-def _value_kinds(hint: Any, default: Any = _EMPTY) -> tuple[list, bool]:
-    """``(kinds, none_ok)``: what a text value may parse to (bool, int, float, str,
-    ``("seq", elem, length)``, ``("literal", choices)``), from ``hint``, else the default."""
-    if hint is None:  # no annotation: the type of the default
-        if default is _EMPTY or default is None:
-            return [str], default is None
-        if isinstance(default, (tuple, list)) and all(type(v) is int for v in default):
-            return [("seq", int, None)], False
-        return ([type(default)] if type(default) in (bool, int, float, str) else []), False
-    origin, targs = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        kinds, none_ok = [], False
-        for a in targs:
-            k, n = _value_kinds(a)
-            kinds, none_ok = kinds + k, none_ok or n
-        return kinds, none_ok
-    if hint is type(None):
-        return [], True
-    if origin is typing.Literal:
-        return [("literal", targs)], None in targs
-    if hint in (bool, int, float, str):
-        return [hint], False
-    elems = [a for a in targs if a is not Ellipsis]
-    if (origin in (tuple, list, collections.abc.Sequence) and elems
-            and all(e is elems[0] for e in elems) and elems[0] in (int, float)):
-        fixed = origin is tuple and Ellipsis not in targs
-        return [("seq", elems[0], len(elems) if fixed else None)], False
-    return [], False
-
-
-def _parse_kind(text: str, kind: Any) -> Any:
-    """``text`` as one value kind of `_value_kinds`; ValueError if it is not one."""
-    if kind is bool:
-        if text.lower() not in _BOOLS:
-            raise ValueError(text)
-        return _BOOLS[text.lower()]
-    if kind in (int, float, str):
-        return kind(text)
-    if kind[0] == "literal":
-        for choice in kind[1]:
-            if choice is not None and str(choice) == text:
-                return choice
-        raise ValueError(text)
-    _, elem, length = kind
-    inner = text.strip()
-    if inner[:1] + inner[-1:] in ("()", "[]"):
-        inner = inner[1:-1]
-    parts = [v.strip() for v in inner.split(",")]
-    if parts[-1] == "":  # "3," or "(3,)" or "()"
-        parts.pop()
-    value = tuple(elem(v) for v in parts)
-    if length is not None and len(value) != length:
-        raise ValueError(text)
-    return value
-
-
-_WORDS = {bool: "a bool (true/false, yes/no, 1/0)", int: "an int", float: "a float",
-          str: "a string"}
-
-
-def _describe(kinds: list, none_ok: bool) -> str:
-    """The expected type of an option, for error messages: ``a float or none``."""
-    out = []
-    for kind in kinds:
-        if kind in _WORDS:
-            out.append(_WORDS[kind])
-        elif kind[0] == "literal":
-            out.append("one of " + ", ".join(repr(c) for c in kind[1] if c is not None))
-        else:
-            _, elem, length = kind
-            example = ",".join(str(3 + i) for i in range(length or 2))
-            out.append(f"a tuple of {f'{length} ' if length else ''}{elem.__name__}s such as "
-                       f"{example}")
-    return " or ".join(out + (["none"] if none_ok else []))
-
-
-_ORDER = {"literal": 0, bool: 1, int: 2, float: 3, "seq": 4, str: 5}
-
-
-def parse_rule_value(text: str, hint: Any, default: Any = _EMPTY) -> Any:
-    """``text`` as a value of type ``hint`` (an annotation; None: the type of ``default``).
-    ``none``/``None`` gives None only where None is allowed; ValueError names the type."""
-    kinds, none_ok = _value_kinds(hint, default)
-    if none_ok and text.strip().lower() == "none":
-        return None
-    for kind in sorted(kinds, key=lambda k: _ORDER[k if k in _ORDER else k[0]]):
-        try:
-            return _parse_kind(text.strip() if kind is not str else text, kind)
-        except (ValueError, TypeError):
-            continue
-    raise ValueError(f"expected {_describe(kinds, none_ok) or 'a value'}, got {text!r}")
-
-
-def parse_rule_args(rule: str, items: Sequence[str]) -> dict[str, Any]:
-    """``--rule-arg NAME=VALUE`` items as typed constructor options of registered rule ``rule``;
-    a `UsageError` for a malformed item, an unknown or repeated name, or a bad value."""
-    from fbalign._src.registry import RULES
-
-    options = rule_options(RULES[rule].make)
-    settable = [n for n, spec in options.items() if _value_kinds(*spec)[0]]
-    out: dict[str, Any] = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise UsageError(f"--rule-arg takes NAME=VALUE such as weight_decay=1e-3, "
-                             f"got {item!r}")
-        if name not in settable:
-            what = (f"rule {rule!r} has no option {name!r}" if name not in options else
-                    f"option {name!r} of rule {rule!r} has no command-line form")
-            raise UsageError(f"--rule-arg {item}: {what}; valid: "
-                             f"{', '.join(settable) or 'none (it takes no options)'}")
-        if name in out:
-            raise UsageError(f"--rule-arg {name} given twice; give each option once")
-        try:
-            out[name] = parse_rule_value(text, *options[name])
-        except ValueError as err:
-            raise UsageError(f"--rule-arg {item}: option {name!r} of rule {rule!r}: {err}"
-                             ) from None
-    return out
 
 
 def _set_rule_args(args) -> None:
@@ -540,19 +377,7 @@ def _set_rule_args(args) -> None:
             raise UsageError(f"--rule-arg {name}={value} contradicts {flag} {given}; set {name} "
                              f"with {flag} only")
         setattr(args, attr, value)
-    _check_rule_builds(args.rule, _rule_kwargs(args))
-
-
-def _check_rule_builds(rule: str, kwargs: dict[str, Any]) -> None:
-    """Builds the rule once (cheap: no arrays) so that options it refuses stop the run before
-    any data loads."""
-    from fbalign._src.registry import RULES
-
-    try:
-        RULES[rule].make(**kwargs)
-    except (TypeError, ValueError) as err:
-        given = " ".join(f"{k}={v}" for k, v in kwargs.items())
-        raise UsageError(f"rule {rule!r} refuses the options {given}: {err}") from None
+    check_rule_builds(args.rule, _rule_kwargs(args))
 
 
 def _resumed_rule_args(args, rule: str, config: dict, cfg_path: Path) -> dict[str, Any]:
@@ -567,7 +392,7 @@ def _resumed_rule_args(args, rule: str, config: dict, cfg_path: Path) -> dict[st
                   if k in built and a in config})
     built.update(saved)
     given = parse_rule_args(rule, getattr(args, "rule_arg", None) or [])
-    clash = [k for k, v in given.items() if built.get(k, _EMPTY) != v]
+    clash = [k for k, v in given.items() if built.get(k, inspect.Parameter.empty) != v]
     if clash:
         raise UsageError(
             f"--resume takes the training options from {cfg_path} (only "
@@ -578,7 +403,7 @@ def _resumed_rule_args(args, rule: str, config: dict, cfg_path: Path) -> dict[st
     return saved
 
 
-def _prepare_out(args) -> Path:
+def prepare_out(args) -> Path:
     out = Path(args.out) if args.out else Path("runs") / (
         f"{args.rule}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and any(out.iterdir()):
@@ -595,7 +420,6 @@ def cmd_train(args) -> int:
     import jax
 
     _init_multihost(args)  # before any JAX computation
-    from fbalign._src.data import load_dataset
     from fbalign._src.train import NonFiniteError, fit
 
     resuming = bool(getattr(args, "resume", None))
@@ -605,6 +429,33 @@ def cmd_train(args) -> int:
         _set_rule_args(args)
     devices = _check_devices(args)
     primary = jax.process_index() == 0  # only process 0 writes the run directory
+    data = _load_train_data(args)
+    loss = args.loss or ("cross_entropy" if data.num_classes else "squared_error")
+    model = build_model(args.model, data.input_dim, data.output_dim, args.hidden,
+                        args.activation, args.output_activation)
+    optimizer = make_optimizer(args.optimizer, args.lr, args.momentum, args.weight_decay)
+    out = (Path(args.out) if resuming else prepare_out(args)) if primary else None
+    if not resuming and primary:  # a resumed run keeps the config it was started with
+        _write_config(args, out, loss, data)
+    probe = _alignment_probe(args, model, loss, data)
+    t0 = time.perf_counter()
+    try:
+        res = fit(model, args.rule, optimizer, data,
+                  **_fit_options(args, loss, out, probe, devices, resuming, primary))
+    except NonFiniteError as err:
+        print(f"fbalign: error: {err} (this run: --optimizer {args.optimizer} --lr {args.lr:g})",
+              file=sys.stderr)
+        return 3
+    wall = time.perf_counter() - t0
+    _report(args, res.history[-1], wall, out, primary)
+    return 0
+
+
+def _load_train_data(args):
+    """The dataset of ``fbalign train``, after the checks that need no data (so that a bad
+    option stops the run before any download)."""
+    from fbalign._src.data import load_dataset
+
     if not 0.0 <= args.val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     kwargs: dict[str, Any] = {}
@@ -614,19 +465,25 @@ def cmd_train(args) -> int:
         kwargs["path"] = args.data_dir
     # LeNet-5 (no recorded Tape) always trains through the rule's jax.grad form.
     _check_grad_form(args.rule, args.form if args.model == "mlp" else "grad", args.model)
+    if args.model == "rnn":
+        from fbalign._src.recurrent import RNN_RULES
+
+        if args.rule not in RNN_RULES:
+            raise UsageError(f"--model rnn trains with --rule {', '.join(RNN_RULES)}; "
+                             f"{args.rule!r} needs a layered feedforward network (--model mlp "
+                             "or lenet5)")
     data = load_dataset(args.dataset, val_fraction=args.val_fraction, seed=args.seed, **kwargs)
     if args.batch_size > len(data.x_train):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the training set "
                          f"({len(data.x_train)} examples of {data.name}); use --batch-size <= "
                          f"{len(data.x_train)}")
-    loss = args.loss or ("cross_entropy" if data.num_classes else "squared_error")
-    model = build_model(args.model, data.input_dim, data.output_dim, args.hidden,
-                        args.activation, args.output_activation)
-    # Models without a recorded Tape (convnets) train tape rules through their jax.grad form
-    # (fit resolves it: fbalign.rules.resolve_form).
-    form = args.form
-    optimizer = make_optimizer(args.optimizer, args.lr, args.momentum, args.weight_decay)
-    out = (Path(args.out) if resuming else _prepare_out(args)) if primary else None
+    return data
+
+
+def _write_config(args, out: Path, loss: str, data) -> None:
+    """``out/config.json``: the run's options (what ``--resume`` reads back) and where it ran."""
+    import jax
+
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
               if k not in ("func", "rule_arg")}  # rule_arg: the raw --rule-arg items
     config["rule_args"] = {k: (list(v) if isinstance(v, tuple) else v)
@@ -634,35 +491,47 @@ def cmd_train(args) -> int:
     config.update({"loss": loss, "out": str(out), "jax_version": jax.__version__,
                    "backend": jax.default_backend(), "python": platform.python_version(),
                    "n_train": len(data.x_train), "n_test": len(data.x_test)})
-    if not resuming and primary:  # a resumed run keeps the config it was started with
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    probe = None
-    if args.log_alignment_every > 0 and hasattr(model, "forward"):
-        from fbalign._src.metrics import make_alignment_probe
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-        k = min(len(data.x_train), 256)
-        probe = make_alignment_probe(model, args.rule, loss, data.x_train[:k], data.y_train[:k],
-                                     rule_kwargs=_rule_kwargs(args))
-    t0 = time.perf_counter()
-    reliability = {"checkpoint_every": getattr(args, "checkpoint_every", None),
-                   "resume": resuming, "on_nonfinite": getattr(args, "on_nonfinite", "stop")}
+
+def _alignment_probe(args, model, loss: str, data):
+    """The ``--log-alignment-every`` probe on the first 256 training examples, or None (turned
+    off, or a model without a recorded Tape)."""
+    if args.log_alignment_every <= 0 or not hasattr(model, "forward"):
+        return None
+    from fbalign._src.metrics import make_alignment_probe
+
+    k = min(len(data.x_train), 256)
+    return make_alignment_probe(model, args.rule, loss, data.x_train[:k], data.y_train[:k],
+                                rule_kwargs=_rule_kwargs(args))
+
+
+def _fit_options(args, loss: str, out: Path | None, probe, devices: int | None, resuming: bool,
+                 primary: bool) -> dict[str, Any]:
+    """The keyword arguments of `fit` for ``fbalign train``."""
+    options = {
+        "loss": loss, "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
+        "seeds": args.seeds if args.seeds > 1 else None,
+        # Models without a recorded Tape (convnets) train tape rules through their jax.grad
+        # form (fit resolves it: fbalign.rules.resolve_form).
+        "form": args.form, "rule_kwargs": _rule_kwargs(args), "log_every": args.log_every,
+        "out_dir": out, "probe_fn": probe, "probe_every": max(args.log_alignment_every, 0),
+        "progress": not args.no_progress and primary, "devices": devices,
+        "ensemble_impl": getattr(args, "ensemble_impl", "auto"),
+        "checkpoint_every": getattr(args, "checkpoint_every", None), "resume": resuming,
+        "on_nonfinite": getattr(args, "on_nonfinite", "stop"),
+    }
     if not primary:  # only process 0 writes checkpoints (the others join in gathering the
         # state); on --resume every process reads them, so the run directory must be shared
-        reliability["checkpoint_dir"] = Path(args.out or ".") / "checkpoints"
-    try:
-        res = fit(model, args.rule, optimizer, data, loss=loss, epochs=args.epochs,
-                  batch_size=args.batch_size, seed=args.seed,
-                  seeds=args.seeds if args.seeds > 1 else None, form=form,
-                  rule_kwargs=_rule_kwargs(args), log_every=args.log_every, out_dir=out,
-                  probe_fn=probe, probe_every=max(args.log_alignment_every, 0),
-                  progress=not args.no_progress and primary, devices=devices,
-                  ensemble_impl=getattr(args, "ensemble_impl", "auto"), **reliability)
-    except NonFiniteError as err:
-        print(f"fbalign: error: {err} (this run: --optimizer {args.optimizer} --lr {args.lr:g})",
-              file=sys.stderr)
-        return 3
-    wall = time.perf_counter() - t0
-    last = res.history[-1]
+        options["checkpoint_dir"] = Path(args.out or ".") / "checkpoints"
+    return options
+
+
+def _report(args, last: dict[str, Any], wall: float, out: Path | None, primary: bool) -> None:
+    """``summary.json`` (process 0) and the line ``fbalign train`` prints: the final test error
+    (or loss), per seed for an ensemble."""
+    import jax
+
     summary = {k: v for k, v in last.items()}
     summary["wall_time_s"] = wall
     if primary:
@@ -680,7 +549,6 @@ def cmd_train(args) -> int:
              f"process {jax.process_index()} of {jax.process_count()}; process 0 saves the run")
     print(f"{args.rule} on {args.dataset}: {metric} after {args.epochs} epochs "
           f"({wall:.1f} s, {wall / args.epochs:.2f} s/epoch); {where}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,26 +22,26 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbalign._src import channel as C
-from fbalign._src import primitives as P
+from fbalign._src.backward import MODES, Backward, backward_for_mode
 from fbalign._src.base import Array, EmptyState, LayerOp, Params, PRNGKey, TapeRule
 from fbalign._src.feedback_init import Initializer, kernel_fans, resolve_initializer
 from fbalign._src.layers import (
     conv_op,
     dfa_feedback_shape,
-    fa_conv,
     glorot_dfa_std,
-    kp_conv,
     resolve_conv_impl,
     shared_dfa_feedback,
 )
-from fbalign._src.models import DFA_TAPS, _matmul, get_activation
+from fbalign._src.models import get_activation, matmul, run_layers
+from fbalign._src.registry import get_rule
+from fbalign._src.rules.drtp import DirectRandomTargetProjectionState
 from fbalign._src.rules.feedback_alignment import (
     DirectFeedbackAlignmentState,
     FeedbackAlignmentState,
 )
+from fbalign._src.rules.kolen_pollack import KolenPollackState
 
-LENET_MODES = ("bp", "fa", "kp", "dfa", "shallow", "sign", "fa_noderiv", "drtp", "adfa", "bdfa")
+LENET_MODES = MODES  # the legacy mode strings `apply` reads (`backward_for_mode`)
 
 
 class SharedDirectFeedbackState(NamedTuple):
@@ -219,8 +219,6 @@ class LeNet5:
                 for k, s in zip(keys[1:], shapes[1:], strict=True)
             ]
             if rule == "kp":
-                from fbalign._src.rules.kolen_pollack import KolenPollackState
-
                 return KolenPollackState(tuple(fb))
             return FeedbackAlignmentState(tuple(fb))
         if rule in ("dfa", "drtp"):
@@ -241,12 +239,8 @@ class LeNet5:
                 for k, s in zip(keys, self.feature_shapes[:-1], strict=True)
             ] + [None]
             if rule == "drtp":
-                from fbalign._src.rules.drtp import DirectRandomTargetProjectionState
-
                 return DirectRandomTargetProjectionState(tuple(fb))
             return DirectFeedbackAlignmentState(tuple(fb))
-        from fbalign._src.registry import get_rule
-
         kwargs = dict(rule_kwargs)
         if init != "gaussian":
             kwargs["init"] = init
@@ -295,9 +289,9 @@ class LeNet5:
         return (
             LayerOp(conv_op(2, padding=2, impl=self.conv_impl), (28, 28, 1)),
             LayerOp(conv_op(2, padding="VALID", impl=self.conv_impl), (14, 14, c1)),
-            LayerOp(_matmul, (self.param_shapes[2][0],)),
-            LayerOp(_matmul, (d1,)),
-            LayerOp(_matmul, (d2,)),
+            LayerOp(matmul, (self.param_shapes[2][0],)),
+            LayerOp(matmul, (d1,)),
+            LayerOp(matmul, (d2,)),
         )
 
     # ----- forward -------------------------------------------------------------------------
@@ -332,8 +326,10 @@ class LeNet5:
         labels: Array | None = None,
         derivative: bool = True,
         error_bits: int | None = None,
+        backward: Backward | None = None,
     ) -> Array:
-        """Forward pass returning logits; its ``jax.grad`` is the rule named by ``mode``.
+        """Forward pass returning logits; its ``jax.grad`` runs the rule's backward
+        (``backward=``, a `fbalign._src.backward.Backward`, else built from ``mode``).
 
         Args:
           params: from ``init``.
@@ -342,7 +338,7 @@ class LeNet5:
             ``"bp"`` and ``"shallow"`` (for DFA either one entry per layer, each
             ``(n_out, *map)`` or flat ``(n_out, n_l)``, or one shared 2-D matrix ``M``: layer
             ``l`` then uses ``sqrt(2 / (n_out + n_l)) * M[:, :n_l]``).
-          mode: as `fbalign.models.MLP.apply`: ``"bp"``, ``"fa"`` (`fa_conv`/`fa_matmul`),
+          mode: as `fbalign.models.MLP.apply`: ``"bp"``, ``"fa"`` (`fa_conv`/`famatmul`),
             ``"kp"``, ``"sign"`` (``feedback`` holds magnitudes ``M_l``; the error goes back
             through ``sign(W_l) * M_l``), ``"fa_noderiv"``, ``"dfa"`` (a `dfa_hidden` tap after
             every hidden activation, before pooling), ``"drtp"`` (the taps receive the one-hot
@@ -351,76 +347,29 @@ class LeNet5:
           labels: targets for ``"drtp"`` and ``"bdfa"``.
           derivative: if False, hidden activations pass the error with ``f'`` replaced by 1.
           error_bits: quantise the error reaching each hidden layer's output to this many bits.
+          backward: a `Backward` to run instead of ``feedback``/``mode``.
         """
-        if mode not in LENET_MODES:
-            raise ValueError(f"unknown backward mode {mode!r}; valid: {', '.join(LENET_MODES)}")
         x = self._prepare(x)
-        if mode == "fa_noderiv":
-            mode, derivative = "fa", False
-        if mode not in ("bp", "shallow") and feedback is None:
-            raise ValueError(f"mode {mode!r} needs feedback (see LeNet5.init_rule_state)")
-        if mode in ("drtp", *DFA_TAPS) and hasattr(feedback, "ndim"):
-            feedback = [
-                shared_dfa_feedback(feedback, s, glorot_dfa_std(self.num_classes, s))
-                for s in self.feature_shapes[:-1]
-            ] + [None]
-        if mode not in ("bp", "shallow") and len(feedback) != self.num_layers:
-            raise ValueError(
-                f"mode {mode!r} needs one feedback entry per layer ({self.num_layers}), got "
-                f"{len(feedback)}"
-            )
+        if backward is None:
+            if mode in ("drtp", "dfa", "adfa", "bdfa") and hasattr(feedback, "ndim"):
+                feedback = [
+                    shared_dfa_feedback(feedback, s, glorot_dfa_std(self.num_classes, s))
+                    for s in self.feature_shapes[:-1]
+                ] + [None]
+            backward = backward_for_mode(
+                mode, feedback, num_layers=self.num_layers, n_out=self.num_classes,
+                batch=x.shape[0], dtype=x.dtype, labels=labels, derivative=derivative,
+                error_bits=error_bits)
         f = get_activation(self.activation)
-        carrier = targets = None
-        if mode in ("drtp", *DFA_TAPS):
-            carrier = P.dfa_carrier((x.shape[0], self.num_classes), x.dtype)
-        if mode in ("drtp", "bdfa"):
-            if labels is None:
-                raise ValueError(f"mode {mode!r} reads the target: pass labels=...")
-            targets = C.as_targets(labels, self.num_classes, x.dtype)
-            if mode == "drtp":
-                targets = targets / x.shape[0]
-        conv_args = [dict(padding=2, impl=self.conv_impl), dict(padding="VALID",
-                                                                 impl=self.conv_impl)]
-        h = x
-        last = self.num_layers - 1
-        for i, layer in enumerate(params):
-            w, b = layer["w"], layer["b"]
-            back = None
-            if i > 0 and mode in ("fa", "kp"):
-                back = feedback[i]
-            elif i > 0 and mode == "sign":
-                back = jax.lax.stop_gradient(jnp.sign(w) * feedback[i])
-            if i == 2:
-                h = h.reshape(h.shape[0], -1)
-            if mode == "shallow" and i == last:
-                h = P.stop_error(h)
-            if i < 2:
-                if back is None:
-                    a = conv_op(2, **conv_args[i])(h, w) + b
-                else:
-                    conv = kp_conv if mode == "kp" else fa_conv
-                    a = conv(h, w, back, b, **conv_args[i])
-            elif back is None:
-                a = h @ w + b
-            else:
-                a = (P.kp_matmul if mode == "kp" else P.fa_matmul)(h, w, back) + b
-            if i == last:
-                if mode in DFA_TAPS:
-                    a = P.dfa_output(a, carrier)
-                if mode == "drtp":
-                    a = C.target_output(a, carrier, targets)
-                return a
-            h = f(a) if derivative else C.straight_through(f, a)
-            if error_bits is not None:
-                h = C.quantize_error(h, error_bits)
-            if mode == "drtp":
-                h, carrier = P.dfa_hidden(h, carrier, feedback[i])
-            if mode in DFA_TAPS:
-                h, carrier = P.dfa_hidden(h, carrier, feedback[i],
-                                          feedback_cotangent=DFA_TAPS[mode], targets=targets)
-            if i < 2:
-                h = self._pool(h)
-        raise AssertionError("unreachable")
+        ops = [op.op for op in self.layer_ops()]
+        return run_layers(backward, [f] * (self.num_layers - 1) + [lambda a: a], ops, params, x,
+                          self.num_classes, between=self._between)
+
+    def _between(self, i: int, h: Array) -> Array:
+        # after each conv layer's activation: 2x2 pooling; before the first dense layer: flatten
+        if i in (1, 2):
+            h = self._pool(h)
+        return h.reshape(h.shape[0], -1) if i == 2 else h
 
 
 def _dfa_like(state: Any, n_out: int) -> bool:

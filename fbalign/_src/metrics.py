@@ -54,6 +54,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fbalign._src.backward import mode_kind
 from fbalign._src.base import Array, Batch, Params, StepContext, Tape, TapeRule, rule_feedback
 from fbalign._src.lift import as_learning_rule
 from fbalign._src.losses import get_loss
@@ -61,8 +62,6 @@ from fbalign._src.registry import RULES, get_rule
 
 KINDS = ("fa", "sign", "dfa")
 # How the registered rules' feedback is laid out, by their `MLP.apply` mode.
-_KIND_OF_GRAD_MODE = {"fa": "fa", "kp": "fa", "fa_noderiv": "fa", "sign": "sign", "dfa": "dfa",
-                      "drtp": "dfa", "adfa": "dfa", "bdfa": "dfa"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,7 +285,7 @@ def feedback_kind(
     if isinstance(rule, str):
         spec = RULES.get(rule)
         if spec is not None and spec.grad_mode is not None:
-            return _KIND_OF_GRAD_MODE.get(spec.grad_mode)
+            return mode_kind(spec.grad_mode)
     ws = [p["w"] for p in params]
     fb = list(feedback)
     if len(ws) < 2:

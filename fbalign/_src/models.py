@@ -10,8 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fbalign._src import channel as C
-from fbalign._src import primitives as P
+from fbalign._src.backward import MODES, Backward, backward_for_mode
 from fbalign._src.base import Array, LayerOp, Params, PRNGKey, Tape
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -38,22 +37,12 @@ def _deriv(f: Callable[[Array], Array], a: Array) -> Array:
     return jax.jvp(f, (a,), (jnp.ones_like(a),))[1]
 
 
-BACKWARD_MODES = ("bp", "fa", "kp", "dfa", "shallow", "sign", "fa_noderiv", "drtp", "adfa",
-                  "bdfa")
-_FEEDBACK_MODES = ("fa", "kp", "dfa", "sign", "fa_noderiv", "drtp", "adfa", "bdfa")
-# DFA-like modes: the output error reaches every hidden layer through a tap; the value is what
-# jax.grad returns for the tap's feedback (`fbalign.ops.dfa_hidden`).
-DFA_TAPS = {"dfa": "zero", "adfa": "activity", "bdfa": "bdfa"}
+BACKWARD_MODES = MODES  # the legacy mode strings `apply` reads (`backward_for_mode`)
 
 
-def _matmul(x: Array, w: Array) -> Array:
+def matmul(x: Array, w: Array) -> Array:
+    """``x @ w``, the dense layers' linear op (one function object, so `feedback_op` caches)."""
     return jnp.matmul(x, w)
-
-
-def _sign_matmul(x: Array, w: Array, magnitude: Array) -> Array:
-    # Sign symmetry through the generic feedback op: B = sign(W) * M, read from W at call time.
-    b = jax.lax.stop_gradient(jnp.sign(w) * magnitude)
-    return P.feedback_op(_matmul)(x, w, b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +101,7 @@ class MLP:
     def layer_ops(self) -> tuple[LayerOp, ...]:
         """Each layer's ``op(x, w) = x @ w`` and input shape ``(din,)``, for rules whose
         ``jax.grad`` form updates their state layer by layer (`TapeRule.advance`)."""
-        return tuple(LayerOp(_matmul, (din,)) for din in self.sizes[:-1])
+        return tuple(LayerOp(matmul, (din,)) for din in self.sizes[:-1])
 
     def _check_input(self, x: Array) -> None:
         if x.ndim != 2 or x.shape[1] != self.sizes[0]:
@@ -146,8 +135,12 @@ class MLP:
         labels: Array | None = None,
         derivative: bool = True,
         error_bits: int | None = None,
+        backward: Backward | None = None,
     ) -> Array:
-        """Forward pass whose ``jax.grad`` is the rule named by ``mode``.
+        """Forward pass whose ``jax.grad`` runs the rule's backward.
+
+        The rule's backward is a `fbalign._src.backward.Backward` object (``backward=``), or
+        built from a legacy mode string by `backward_for_mode`.
 
         Args:
           params: the MLP's parameters.
@@ -168,56 +161,39 @@ class MLP:
           derivative: if False, hidden activations pass the error with ``f'`` replaced by 1.
           error_bits: quantise the error signal reaching each hidden layer's output to this
             many bits (`fbalign._src.channel.quantize`), before ``f'``.
+          backward: a `Backward` to run instead of ``feedback``/``mode``.
         """
         self._check_input(x)
-        if mode not in BACKWARD_MODES:
-            raise ValueError(f"unknown backward mode {mode!r}; valid: {', '.join(BACKWARD_MODES)}")
-        if mode in _FEEDBACK_MODES:
-            if feedback is None or len(feedback) != self.num_layers:
-                raise ValueError(
-                    f"mode {mode!r} needs one feedback entry per layer ({self.num_layers}), got "
-                    f"{None if feedback is None else len(feedback)}"
-                )
-        if mode == "fa_noderiv":
-            mode, derivative = "fa", False
-        acts = self._acts()
-        last = self.num_layers - 1
-        carrier = targets = None
-        if mode in ("drtp", *DFA_TAPS):
-            carrier = P.dfa_carrier((x.shape[0], self.sizes[-1]), x.dtype)
-        if mode in ("drtp", "bdfa"):
-            if labels is None:
-                raise ValueError(f"mode {mode!r} reads the target: pass labels=...")
-            targets = C.as_targets(labels, self.sizes[-1], x.dtype)
-            if mode == "drtp":
-                targets = targets / x.shape[0]
-        h = x
-        for i, (layer, f) in enumerate(zip(params, acts, strict=True)):
-            w = layer["w"]
-            if mode in ("fa", "kp") and i > 0:
-                mm = P.fa_matmul if mode == "fa" else P.kp_matmul
-                a = mm(h, w, feedback[i])
-            elif mode == "sign" and i > 0:
-                a = _sign_matmul(h, w, feedback[i])
-            else:
-                if mode == "shallow" and i == last:
-                    h = P.stop_error(h)
-                a = h @ w
-            if "b" in layer:
-                a = a + layer["b"]
-            if mode in DFA_TAPS and i == last:
-                a = P.dfa_output(a, carrier)
-            if mode == "drtp" and i == last:
-                a = C.target_output(a, carrier, targets)
-            h = f(a) if derivative or i == last else C.straight_through(f, a)
-            if error_bits is not None and i < last:
-                h = C.quantize_error(h, error_bits)
-            if mode == "drtp" and i < last:
-                h, carrier = P.dfa_hidden(h, carrier, feedback[i])
-            if mode in DFA_TAPS and i < last:
-                h, carrier = P.dfa_hidden(h, carrier, feedback[i],
-                                          feedback_cotangent=DFA_TAPS[mode], targets=targets)
-        return h
+        if backward is None:
+            backward = backward_for_mode(
+                mode, feedback, num_layers=self.num_layers, n_out=self.sizes[-1],
+                batch=x.shape[0], dtype=x.dtype, labels=labels, derivative=derivative,
+                error_bits=error_bits)
+        return run_layers(backward, self._acts(), [matmul] * self.num_layers, params, x,
+                          self.sizes[-1])
+
+
+def run_layers(backward: Backward, acts: Sequence[Callable[[Array], Array]],
+               ops: Sequence[Callable[[Array, Array], Array]], params: Params, x: Array,
+               n_out: int, between: Callable[[int, Array], Array] | None = None) -> Array:
+    """The forward of a chain of layers ``h_{i+1} = f_i(op_i(h_i, W_i) + b_i)`` with every
+    backward decision left to ``backward``; ``between(i, h)`` reshapes or pools between layers
+    (its VJP is the ordinary one)."""
+    carrier = backward.begin(x, n_out)
+    last = len(params) - 1
+    h = x
+    for i, (layer, f, op) in enumerate(zip(params, acts, ops, strict=True)):
+        if between is not None:
+            h = between(i, h)
+        if i == last:
+            h = backward.into_last(h)
+        a = backward.linear(i, op, h, layer["w"])
+        if "b" in layer:
+            a = a + layer["b"]
+        if i == last:
+            return f(backward.output(a, carrier))
+        h, carrier = backward.hidden(i, f, a, carrier)
+    raise ValueError("a network needs at least one layer")
 
 
 def mlp(

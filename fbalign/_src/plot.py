@@ -18,7 +18,10 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from fbalign._src import cli
+from fbalign._src.rule_args import UsageError
 
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -163,6 +166,33 @@ def plot_runs(
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
+    runs = _labelled_runs(runs, labels)
+    layout = _Panels.of(runs, bar)
+    ncols = 2 if len(layout.panels) in (2, 4) else min(len(layout.panels), 3)
+    nrows = math.ceil(len(layout.panels) / ncols)
+    fig = Figure(figsize=(5.2 * ncols, 3.9 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[len(layout.panels):]:
+        ax.set_visible(False)
+    colors = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {r["label"]: colors[i % len(colors)] for i, r in enumerate(runs)}
+    handles = [Line2D([], [], color=color[r["label"]], label=r["label"]) for r in runs]
+    for ax, panel in zip(axes, layout.panels, strict=False):
+        _draw_panel(ax, panel, runs, layout, color, handles)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def _labelled_runs(runs: Sequence[str | Path | RunData],
+                   labels: Sequence[str] | None) -> list[RunData]:
+    """The runs, loaded where given as directories, with their legend labels: ``labels`` if
+    given, and equal labels told apart by the run's directory name."""
     runs = [r if isinstance(r, RunData) else load_run(r) for r in runs]
     if labels is not None:
         if len(labels) != len(runs):
@@ -173,94 +203,117 @@ def plot_runs(
     for r in runs:  # disambiguate equal labels by directory name
         if names.count(r["label"]) > 1:
             r["label"] = f"{r['label']} [{r['name']}]"
-    has_error = any(_finite(series(r["epochs"], "test_error")[1]) for r in runs)
-    # Layers whose update is backprop's in every run (the output layer of the FA family) add
-    # nothing but a line at 0: leave them out.
-    upd_keys = [k for k in _layer_keys(runs, "update_angle")
-                if any(_moves(series(r["probes"], k)[1]) for r in runs)]
-    fb_keys = _layer_keys(runs, "feedback_angle")
-    panels = ["loss", "error" if has_error else "test_loss"]
-    if upd_keys:
-        panels.append("update")
-    if fb_keys:
-        panels.append("feedback")
-    if bar and has_error:
-        panels.append("bar")
-    ncols = 2 if len(panels) in (2, 4) else min(len(panels), 3)
-    nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(5.2 * ncols, 3.9 * nrows))
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    axes = axes.ravel()
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    colors = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
-    color = {r["label"]: colors[i % len(colors)] for i, r in enumerate(runs)}
-    run_handles = [Line2D([], [], color=color[r["label"]], label=r["label"]) for r in runs]
+    return runs
 
-    for ax, panel in zip(axes, panels, strict=False):
-        if panel == "loss":
-            for r in runs:
-                _draw(ax, *series(r["epochs"], "train_loss"), color=color[r["label"]], marker=".")
-                st, m, s = series(r["epochs"], "test_loss")
-                if st and has_error:
-                    _draw(ax, st, m, s, color=color[r["label"]], linestyle="--")
-            _maybe_log(ax)
-            ax.set_title("Loss (solid: train, dashed: test)" if has_error else "Training loss")
-            ax.set_ylabel("loss")
-            ax.legend(handles=run_handles, fontsize=8)
-        elif panel in ("error", "test_loss"):
-            key = "test_error" if panel == "error" else "test_loss"
-            for r in runs:
-                _draw(ax, *series(r["epochs"], key), color=color[r["label"]], marker=".")
-            if panel == "test_loss":
-                _maybe_log(ax)
-            ax.set_title("Test error (%)" if panel == "error" else "Test loss")
-            ax.set_ylabel("test error (%)" if panel == "error" else "test loss")
-            ax.legend(handles=run_handles, fontsize=8)
-        elif panel in ("update", "feedback"):
-            keys = upd_keys if panel == "update" else fb_keys
-            drawn = []
-            for r in runs:
-                curves = [(j, series(r["probes"], k)) for j, k in enumerate(keys)]
-                if not any(_moves(c[1]) for _, c in curves):
-                    continue  # no feedback, or exactly backprop (bp): nothing to see
-                drawn.append(r["label"])
-                for j, (st, m, s) in curves:
-                    if st and _finite(m):
-                        _draw(ax, st, m, s, color=color[r["label"]],
-                              linestyle=LINESTYLES[j % len(LINESTYLES)])
-            ax.axhline(90, color="grey", linewidth=0.8, linestyle=":")
-            ax.set_ylim(bottom=0)
-            ax.set_ylabel("angle (degrees)")
-            ax.set_title("Update vs backprop gradient" if panel == "update" else
-                         "Feedback B vs forward weights (DFA: vs W product)")
-            layer_handles = [Line2D([], [], color="black", linestyle=LINESTYLES[j % 4],
-                                    label=f"layer {k.rsplit('_l', 1)[1]}")
-                             for j, k in enumerate(keys)]
-            ax.legend(handles=[h for h in run_handles if h.get_label() in drawn]
-                      + layer_handles, fontsize=8)
-        elif panel == "bar":
-            means, stds = [], []
-            for r in runs:
-                _, m, s = series(r["epochs"], "test_error")
-                means.append(m[-1] if m else float("nan"))
-                stds.append(s[-1] if s else 0.0)
-            xs = range(len(runs))
-            ax.bar(xs, means, yerr=stds, capsize=4, color=[color[r["label"]] for r in runs])
-            ax.set_xticks(list(xs), [r["label"] for r in runs], rotation=20, ha="right",
-                          fontsize=8)
-            ax.set_title("Final test error (mean +- std over seeds)")
-            ax.set_ylabel("test error (%)")
-        if panel != "bar":
-            ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+
+class _Panels(NamedTuple):
+    """Which panels `plot_runs` draws, in order, and the per-layer angle keys they show."""
+
+    panels: list[str]
+    has_error: bool
+    upd_keys: list[str]
+    fb_keys: list[str]
+
+    @classmethod
+    def of(cls, runs: Sequence[RunData], bar: bool) -> _Panels:
+        has_error = any(_finite(series(r["epochs"], "test_error")[1]) for r in runs)
+        # Layers whose update is backprop's in every run (the output layer of the FA family)
+        # add nothing but a line at 0: leave them out.
+        upd_keys = [k for k in _layer_keys(runs, "update_angle")
+                    if any(_moves(series(r["probes"], k)[1]) for r in runs)]
+        fb_keys = _layer_keys(runs, "feedback_angle")
+        panels = ["loss", "error" if has_error else "test_loss"]
+        if upd_keys:
+            panels.append("update")
+        if fb_keys:
+            panels.append("feedback")
+        if bar and has_error:
+            panels.append("bar")
+        return cls(panels, has_error, upd_keys, fb_keys)
+
+
+def _draw_panel(ax, panel: str, runs: Sequence[RunData], layout: _Panels, color: dict[str, Any],
+                handles: list) -> None:
+    """One panel of `plot_runs` on ``ax``; ``handles`` are the runs' legend entries."""
+    if panel == "loss":
+        _draw_loss(ax, runs, layout.has_error, color, handles)
+    elif panel in ("error", "test_loss"):
+        _draw_test_metric(ax, panel, runs, color, handles)
+    elif panel in ("update", "feedback"):
+        keys = layout.upd_keys if panel == "update" else layout.fb_keys
+        _draw_angles(ax, panel, keys, runs, color, handles)
+    elif panel == "bar":
+        _draw_final_error(ax, runs, color)
+    if panel != "bar":
+        ax.set_xlabel("training step")
+    ax.grid(alpha=0.3)
+
+
+def _draw_loss(ax, runs: Sequence[RunData], has_error: bool, color: dict[str, Any],
+               handles: list) -> None:
+    for r in runs:
+        _draw(ax, *series(r["epochs"], "train_loss"), color=color[r["label"]], marker=".")
+        st, m, s = series(r["epochs"], "test_loss")
+        if st and has_error:
+            _draw(ax, st, m, s, color=color[r["label"]], linestyle="--")
+    _maybe_log(ax)
+    ax.set_title("Loss (solid: train, dashed: test)" if has_error else "Training loss")
+    ax.set_ylabel("loss")
+    ax.legend(handles=handles, fontsize=8)
+
+
+def _draw_test_metric(ax, panel: str, runs: Sequence[RunData], color: dict[str, Any],
+                      handles: list) -> None:
+    """Test error (panel ``"error"``) or, for runs without one, test loss (``"test_loss"``)."""
+    key = "test_error" if panel == "error" else "test_loss"
+    for r in runs:
+        _draw(ax, *series(r["epochs"], key), color=color[r["label"]], marker=".")
+    if panel == "test_loss":
+        _maybe_log(ax)
+    ax.set_title("Test error (%)" if panel == "error" else "Test loss")
+    ax.set_ylabel("test error (%)" if panel == "error" else "test loss")
+    ax.legend(handles=handles, fontsize=8)
+
+
+def _draw_angles(ax, panel: str, keys: Sequence[str], runs: Sequence[RunData],
+                 color: dict[str, Any], handles: list) -> None:
+    """Per-layer angles (``keys``, one line style per layer) of the runs where they move."""
+    from matplotlib.lines import Line2D
+
+    drawn = []
+    for r in runs:
+        curves = [(j, series(r["probes"], k)) for j, k in enumerate(keys)]
+        if not any(_moves(c[1]) for _, c in curves):
+            continue  # no feedback, or exactly backprop (bp): nothing to see
+        drawn.append(r["label"])
+        for j, (st, m, s) in curves:
+            if st and _finite(m):
+                _draw(ax, st, m, s, color=color[r["label"]],
+                      linestyle=LINESTYLES[j % len(LINESTYLES)])
+    ax.axhline(90, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("angle (degrees)")
+    ax.set_title("Update vs backprop gradient" if panel == "update" else
+                 "Feedback B vs forward weights (DFA: vs W product)")
+    layer_handles = [Line2D([], [], color="black", linestyle=LINESTYLES[j % 4],
+                            label=f"layer {k.rsplit('_l', 1)[1]}")
+                     for j, k in enumerate(keys)]
+    ax.legend(handles=[h for h in handles if h.get_label() in drawn] + layer_handles,
+              fontsize=8)
+
+
+def _draw_final_error(ax, runs: Sequence[RunData], color: dict[str, Any]) -> None:
+    """Bars of the final test error, mean and std over seeds."""
+    means, stds = [], []
+    for r in runs:
+        _, m, s = series(r["epochs"], "test_error")
+        means.append(m[-1] if m else float("nan"))
+        stds.append(s[-1] if s else 0.0)
+    xs = range(len(runs))
+    ax.bar(xs, means, yerr=stds, capsize=4, color=[color[r["label"]] for r in runs])
+    ax.set_xticks(list(xs), [r["label"] for r in runs], rotation=20, ha="right", fontsize=8)
+    ax.set_title("Final test error (mean +- std over seeds)")
+    ax.set_ylabel("test error (%)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,8 +322,6 @@ def plot_runs(
 
 def cmd_plot(args) -> int:
     """``fbalign plot RUN_DIR ... --out FILE.png``."""
-    from fbalign._src.cli import UsageError
-
     labels = args.labels.split(",") if args.labels else None
     try:
         runs = [load_run(d) for d in args.runs]
@@ -331,8 +382,6 @@ def cmd_compare(args) -> int:
     """``fbalign compare --rules bp,fa,dfa --seeds K [train options]``."""
     import numpy as np
 
-    from fbalign._src import cli
-
     try:
         _matplotlib()  # fail before training, not after
     except ImportError as err:
@@ -341,7 +390,7 @@ def cmd_compare(args) -> int:
         f"compare-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     spec = copy.copy(args)
     spec.out, spec.rule = str(base), "compare"
-    base = cli._prepare_out(spec)  # refuses a non-empty directory unless --overwrite
+    base = cli.prepare_out(spec)  # refuses a non-empty directory unless --overwrite
     rows = []
     for rule in args.rules:
         sub = copy.copy(args)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from fbalign._src.base import Array
+from fbalign._src.sharding import varying_axes
 
 LinearOp = Callable[[Array, Array], Array]
 
@@ -109,9 +110,7 @@ def _match_varying(carrier: Array, like: Array) -> Array:
     # Inside ``jax.shard_map`` the carrier's cotangent is the per-shard error, so the carrier must
     # be typed varying like the activations it travels with (an all-zeros constant is invariant).
     # Outside shard_map both sets are empty and this is the identity.
-    from fbalign._src.distributed import _varying_axes
-
-    missing = _varying_axes(like) - _varying_axes(carrier)
+    missing = varying_axes(like) - varying_axes(carrier)
     if not missing:
         return carrier
     return jax.lax.pcast(carrier, tuple(sorted(missing)), to="varying")

@@ -21,11 +21,17 @@ import jax.numpy as jnp
 from jax import lax
 
 from fbalign._src import primitives as P
-from fbalign._src.base import Array, Params, PRNGKey
+from fbalign._src.backward import Backward, LinearFeedback
+from fbalign._src.base import Array, EmptyState, Params, PRNGKey
 from fbalign._src.feedback_init import Initializer, resolve_initializer
-from fbalign._src.models import get_activation
+from fbalign._src.models import get_activation, matmul
+from fbalign._src.rules.feedback_alignment import (
+    DirectFeedbackAlignmentState,
+    FeedbackAlignmentState,
+)
 
 RNN_MODES = ("bp", "fa", "kp", "dfa")
+RNN_RULES = ("bp", "fa", "dfa")  # the registered rules `fit` trains the RNN with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +44,15 @@ class RNN:
     * ``"fa"``/``"kp"``: ``{"w_rec": B_rec (H, H), "w_out": B_out (H, dout)}``, each of its
       weight's shape (the input projection sends no error anywhere);
     * ``"dfa"``: ``B`` of shape ``(dout, H)``, one matrix shared by all time steps.
+
+    ``init_rule_state`` draws them as the ``feedback`` of a rule state, so ``fit`` trains the
+    RNN with ``bp``, ``fa`` and ``dfa`` (through their ``jax.grad`` forms).
+
+    Inputs are time-major ``(T, batch, din)`` by default. With ``time_major=False`` they are
+    batch-major, ``(batch, T, din)`` or flat ``(batch, T * din)`` (e.g. an image read row by
+    row, as in sequential MNIST), which is what the training harness hands a model.
+    ``readout="last"`` returns only the last step's readout ``(batch, dout)``, for sequence
+    classification; ``"all"`` (default) every step's.
     """
 
     layer_structure = True  # rules that send errors through layers can use it
@@ -46,9 +61,13 @@ class RNN:
     hidden_size: int
     output_size: int
     activation: str = "tanh"
+    time_major: bool = True
+    readout: str = "all"
 
     def __post_init__(self):
         get_activation(self.activation)
+        if self.readout not in ("all", "last"):
+            raise ValueError(f"RNN readout must be 'all' or 'last', got {self.readout!r}")
 
     def init(self, key: PRNGKey, dtype: Any = jnp.float32) -> Params:
         """LeCun-normal input/readout weights, orthogonal recurrent weights, zero biases."""
@@ -64,38 +83,62 @@ class RNN:
 
     def init_rule_state(
         self,
-        rule_name: str,
+        rule: str,
         key: PRNGKey,
         params: Params,
         init: str | Initializer = "gaussian",
         scale: float | None = None,
     ) -> Any:
-        """Draws the feedback that ``apply(..., mode=rule_name)`` needs (None for ``"bp"``)."""
+        """The state whose ``feedback`` ``apply(..., mode=rule)`` needs: `EmptyState` for
+        ``"bp"``, `FeedbackAlignmentState` of ``{"w_rec", "w_out"}`` for ``"fa"``,
+        `DirectFeedbackAlignmentState` of one ``(dout, H)`` matrix for ``"dfa"``.
+
+        ``rule`` is a registered name: the RNN has no per-layer chain, so a rule object's own
+        ``init`` cannot size its feedback. Kolen-Pollack's mode ``"kp"`` exists in ``apply``
+        (its primitives), but its feedback update is stated for dense chains: not here.
+        """
+        if not isinstance(rule, str) or rule not in RNN_RULES:
+            what = rule if isinstance(rule, str) else type(rule).__name__
+            raise ValueError(f"rule {what!r} does not run on the RNN; it trains with "
+                             f"{', '.join(RNN_RULES)} (pass the name). Other rules need a "
+                             "layered feedforward network (fbalign.models.mlp, lenet5).")
         dtype = params["w_out"].dtype
-        if rule_name == "bp":
-            return None
-        if rule_name in ("fa", "kp"):
+        if rule == "bp":
+            return EmptyState()
+        if rule == "fa":
             k1, k2 = jax.random.split(key)
             h, o = self.hidden_size, self.output_size
-            return {
+            return FeedbackAlignmentState({
                 "w_rec": resolve_initializer(init, scale, fan=h)(k1, (h, h), dtype),
                 "w_out": resolve_initializer(init, scale, fan=o)(k2, (h, o), dtype),
-            }
-        if rule_name == "dfa":
-            shape = (self.output_size, self.hidden_size)
-            return resolve_initializer(init, scale, fan=self.output_size)(key, shape, dtype)
-        raise ValueError(f"unknown RNN mode {rule_name!r}; valid: {', '.join(RNN_MODES)}")
+            })
+        shape = (self.output_size, self.hidden_size)
+        return DirectFeedbackAlignmentState(
+            resolve_initializer(init, scale, fan=self.output_size)(key, shape, dtype))
+
+    def _time_major(self, xs: Array) -> Array:
+        if self.time_major:
+            return xs
+        if xs.ndim == 2 and xs.shape[1] % self.input_size == 0:
+            xs = xs.reshape(xs.shape[0], -1, self.input_size)
+        if xs.ndim != 3:
+            raise ValueError(f"RNN(time_major=False) expects (batch, T, {self.input_size}) or "
+                             f"(batch, T * {self.input_size}) inputs, got {tuple(xs.shape)}")
+        return jnp.swapaxes(xs, 0, 1)
 
     def apply(
         self, params: Params, xs: Array, feedback: Any = None, mode: str = "bp"
     ) -> Array:
-        """Runs the RNN over ``xs`` ``(T, batch, din)``; ``jax.grad`` is the rule named by ``mode``.
+        """Runs the RNN over ``xs`` (``(T, batch, din)``, or batch-major with
+        ``time_major=False``); ``jax.grad`` is the rule named by ``mode``.
 
         Returns:
-          ``ys`` of shape ``(T, batch, dout)``, the readout at every step.
+          ``ys`` of shape ``(T, batch, dout)``, the readout at every step (``readout="all"``),
+          or ``(batch, dout)``, the last step's (``readout="last"``).
         """
         if mode not in RNN_MODES:
             raise ValueError(f"unknown RNN mode {mode!r}; valid: {', '.join(RNN_MODES)}")
+        xs = self._time_major(xs)
         if xs.ndim != 3 or xs.shape[-1] != self.input_size:
             raise ValueError(
                 f"RNN expects time-major inputs (T, batch, {self.input_size}), got "
@@ -109,19 +152,12 @@ class RNN:
         batch = xs.shape[1]
         h0 = jnp.zeros((batch, self.hidden_size), xs.dtype)
 
-        def rec(h, wr):
-            if mode == "fa":
-                return P.fa_matmul(h, wr, feedback["w_rec"])
-            if mode == "kp":
-                return P.kp_matmul(h, wr, feedback["w_rec"])
-            return h @ wr
-
-        def readout(h, wo):
-            if mode == "fa":
-                return P.fa_matmul(h, wo, feedback["w_out"])
-            if mode == "kp":
-                return P.kp_matmul(h, wo, feedback["w_out"])
-            return h @ wo
+        # Recurrent and readout maps send the error back through the rule's Backward (FA/KP:
+        # B_rec, B_out by name); the input projection's input error goes nowhere.
+        back = (LinearFeedback(feedback=feedback, learn=mode == "kp") if mode in ("fa", "kp")
+                else Backward())
+        rec = lambda h, wr: back.linear("w_rec", matmul, h, wr)
+        readout = lambda h, wo: back.linear("w_out", matmul, h, wo)
 
         if mode == "dfa":
             if feedback.shape != (self.output_size, self.hidden_size):
@@ -139,16 +175,19 @@ class RNN:
                 return h, y
 
             _, ys = lax.scan(step, h0, (xs, carriers))
-            return ys
+            return ys[-1] if self.readout == "last" else ys
 
         def step(h, x_t):
             h = f(x_t @ w_in + rec(h, w_rec) + b)
             return h, readout(h, w_out) + b_out
 
         _, ys = lax.scan(step, h0, xs)
-        return ys
+        return ys[-1] if self.readout == "last" else ys
 
 
-def rnn(input_size: int, hidden_size: int, output_size: int, activation: str = "tanh") -> RNN:
-    """Builds a vanilla `RNN` (``tanh`` by default) with a readout at every time step."""
-    return RNN(int(input_size), int(hidden_size), int(output_size), activation)
+def rnn(input_size: int, hidden_size: int, output_size: int, activation: str = "tanh", *,
+        time_major: bool = True, readout: str = "all") -> RNN:
+    """Builds a vanilla `RNN` (``tanh`` by default); see `RNN` for ``time_major``/``readout``.
+    ``rnn(28, 128, 10, time_major=False, readout="last")`` reads MNIST row by row."""
+    return RNN(int(input_size), int(hidden_size), int(output_size), activation, time_major,
+               readout)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fbalign._src import sharding as _dist
 from fbalign._src.base import (
     Array,
     Batch,
@@ -40,6 +41,8 @@ from fbalign._src.checkpoint import (
 from fbalign._src.data import Dataset
 from fbalign._src.lift import as_learning_rule, is_tape_rule, resolve_form, through_primitives
 from fbalign._src.losses import Loss, get_loss
+from fbalign._src.runner import ensemble_step, reduce_chunk
+from fbalign._src.sharding import data_parallel
 from fbalign._src.wrap import is_seeded
 
 NONFINITE_MODES = ("stop", "skip")
@@ -186,8 +189,6 @@ def make_train_step(
                                      **(out.metrics or {})}
 
     if axis_name is not None:
-        from fbalign._src.distributed import data_parallel
-
         rule_step = data_parallel(rule_step, axis_name, replicated_argnums=(0, 1))
 
     def step(state: TrainState, x: Array, y: Array, index: Array | None = None):
@@ -234,21 +235,6 @@ def _guard_nonfinite(mode: str, old: TrainState, new: TrainState, raw_updates, m
     return new, {**metrics, "nonfinite": ~ok}
 
 
-def _reduce_chunk(ms: dict[str, Array]) -> dict[str, Array]:
-    """Means over the chunk's steps; ``nonfinite`` flags become the number of bad steps, the
-    index of the first one in the chunk, and which leaves were bad there."""
-    ms = dict(ms)
-    bad = ms.pop("nonfinite", None)
-    out = jax.tree.map(lambda a: jnp.mean(a, axis=0), ms)
-    if bad is not None:
-        bad = bad.reshape(bad.shape[0], -1, bad.shape[-1])  # (chunk, seeds, leaves)
-        per_step = jnp.any(bad, axis=(1, 2))
-        first = jnp.argmax(per_step)
-        out.update(nonfinite_steps=jnp.sum(per_step), nonfinite_first=first,
-                   nonfinite_leaves=jnp.any(bad[first], axis=0))
-    return out
-
-
 ENSEMBLE_IMPLS = ("auto", "vmap", "map")
 
 
@@ -272,22 +258,6 @@ def resolve_ensemble_impl(impl: str, model: Any = None) -> str:
     return "map" if has_conv and jax.default_backend() == "cpu" else "vmap"
 
 
-def ensemble_step(step: Callable, impl: str = "vmap") -> Callable:
-    """``step`` over K networks whose arguments and results all carry a leading axis of size K.
-
-    ``impl="vmap"``: ``jax.vmap(step)``, one batched program. ``"map"``: ``jax.lax.map``, one
-    program that loops over the networks, each running the single-network kernels. Both give
-    every network exactly its own single run (up to float rounding of batched kernels); see
-    `resolve_ensemble_impl` for which is faster where.
-    """
-    if impl == "vmap":
-        return jax.vmap(step)
-    if impl == "map":
-        return lambda *args: jax.lax.map(lambda a: step(*a), args)
-    raise ValueError(f"ensemble_step: impl must be 'vmap' or 'map', got {impl!r} (resolve "
-                     f"'auto' with resolve_ensemble_impl)")
-
-
 def make_epoch_runner(step: Callable, batch_size: int, chunk: int, ensemble: bool = False,
                       ensemble_impl: str = "vmap"):
     """Runs ``chunk`` steps on device in one ``lax.scan``: batches are gathered from a
@@ -307,7 +277,7 @@ def make_epoch_runner(step: Callable, batch_size: int, chunk: int, ensemble: boo
             return carry, m
 
         state, ms = jax.lax.scan(body, state, jnp.arange(chunk))
-        return state, _reduce_chunk(ms)
+        return state, reduce_chunk(ms)
 
     return jax.jit(run, donate_argnums=0)
 
@@ -426,6 +396,47 @@ def fit(
         ``seeds``, the ensemble is also sharded: ``gcd(seeds, devices)`` device groups each
         train their share of the seeds. None: one device, no sharding.
     """
+    n = len(data.x_train)
+    ckpt_dir = _check_fit_args(
+        data, epochs=epochs, batch_size=batch_size, log_every=log_every, seeds=seeds,
+        on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every,
+        checkpoint_dir=checkpoint_dir, out_dir=out_dir, resume=resume, state=state)
+    impl = resolve_ensemble_impl(ensemble_impl, model)
+    rule, form = _fit_rule(model, rule, form, grad_mode, rule_kwargs, seeds)
+    program = _build_program(
+        model, rule, optimizer, _resolve_loss(loss), n=n, batch_size=batch_size,
+        log_every=log_every, probe_every=probe_every, checkpoint_every=checkpoint_every,
+        on_nonfinite=on_nonfinite, devices=devices, seeds=seeds, impl=impl)
+    seeding = _Seeding(model, rule, optimizer, seed, seeds, n)
+    fingerprint = {"seed": seed, "seeds": seeds, "batch_size": batch_size, "n_train": n,
+                   "steps_per_epoch": program.steps_per_epoch, "form": form}
+    if resume:
+        start = _resume(ckpt_dir, seeding, fingerprint)
+    else:
+        start = _Start(_given_state(state, seeding), 0, 0, {}, [], None, [])
+    log = _RunLog(out_dir, start.records)  # on resume, cut back to the checkpoint's records
+    checkpoints = _Checkpoints(ckpt_dir, checkpoint_every, fingerprint, start.saved,
+                               program.host_params)
+    guard = _NonFiniteGuard(on_nonfinite,
+                            nonfinite_leaf_names(start.state.params, start.state.rule_state),
+                            checkpoints, log)
+    per_epoch = program.steps_per_epoch
+    bar = _Progress(progress, epochs * per_epoch, start.epoch * per_epoch + start.done,
+                    f"{data.name}" + (f" x{seeds} seeds" if seeding.ensemble else ""))
+    loop = _FitLoop(program, seeding, data, start, log=log, checkpoints=checkpoints,
+                    guard=guard, bar=bar, probe_fn=probe_fn, probe_every=probe_every)
+    try:
+        loop.run(epochs)
+    finally:
+        bar.close()
+        log.close()
+    return FitResult(loop.state, loop.history)
+
+
+def _check_fit_args(data: Dataset, *, epochs, batch_size, log_every, seeds, on_nonfinite,
+                    checkpoint_every, checkpoint_dir, out_dir, resume, state) -> Path | None:
+    """`fit`'s checks of its arguments (a ValueError naming the bad one); returns the
+    checkpoint directory (None without ``out_dir`` and ``checkpoint_dir``)."""
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     n = len(data.x_train)
@@ -451,8 +462,13 @@ def fit(
         raise ValueError("checkpoint_every and resume need out_dir or checkpoint_dir")
     if resume and state is not None:
         raise ValueError("pass either state or resume=True, not both")
-    ensemble = seeds is not None
-    impl = resolve_ensemble_impl(ensemble_impl, model)
+    return ckpt_dir
+
+
+def _fit_rule(model: Any, rule: AnyRule, form: str, grad_mode: str | None,
+              rule_kwargs: dict | None, seeds: int | None) -> tuple[LearningRule, str]:
+    """The `LearningRule` that `fit` trains, checked against ``model``, and the form it runs in
+    (a tape rule's ``form`` resolved for the model; the checkpoint fingerprint records it)."""
     if not isinstance(rule, (LearningRule, TapeRule, str)):
         raise TypeError("rule must be a LearningRule, a TapeRule or a registered name, got "
                         f"{type(rule).__name__}")
@@ -465,9 +481,38 @@ def fit(
                       "start from the same weights (only feedback, data order and rule noise "
                       "differ); pass a factory (from_nnx(lambda rngs: Model(..., rngs=rngs)), "
                       "from_equinox(lambda key: ...)) to draw weights per seed",
-                      RuntimeWarning, stacklevel=2)
-    rule_kwargs = None  # built into the rule
-    loss_fn = _resolve_loss(loss)
+                      RuntimeWarning, stacklevel=3)  # _fit_rule <- fit <- fit's caller
+    return rule, form
+
+
+class _Program(NamedTuple):
+    """The compiled pieces of a `fit`: runners of ``chunk`` steps and of the ``tail`` of an
+    epoch that does not fill a chunk (None without one), the evaluation, and how the step
+    count and parameters reach the host."""
+
+    steps_per_epoch: int
+    chunk: int
+    tail: int
+    runner: Callable
+    tail_runner: Callable | None
+    eval_fn: Callable
+    host_step: Callable
+    host_params: Callable
+
+    def runner_at(self, done: int) -> tuple[int, Callable]:
+        """``(size, runner)`` of the chunk that starts ``done`` steps into an epoch."""
+        size = self.chunk if self.steps_per_epoch - done >= self.chunk else self.tail
+        return size, self.runner if size == self.chunk else self.tail_runner
+
+
+def _build_program(model: Any, rule: LearningRule, optimizer: optax.GradientTransformation,
+                   loss_fn: Loss, *, n: int, batch_size: int, log_every: int, probe_every: int,
+                   checkpoint_every: int | None, on_nonfinite: str | None, devices: int | None,
+                   seeds: int | None, impl: str) -> _Program:
+    """Jits `fit`'s chunk runners (sharded over ``devices`` when given) and evaluation. A chunk
+    is at most ``log_every``, ``probe_every`` and ``checkpoint_every`` steps and one epoch, so
+    logs, probes and checkpoints fall on chunk ends."""
+    ensemble = seeds is not None
     step = make_train_step(model, rule, optimizer, loss_fn, jit=False,
                            on_nonfinite=on_nonfinite,
                            axis_name=None if devices is None else "data")
@@ -476,8 +521,6 @@ def fit(
                 checkpoint_every or steps_per_epoch)
     make_runner, host_step, host_params = make_epoch_runner, np.asarray, lambda p: p
     if devices is not None:
-        from fbalign._src import distributed as _dist
-
         mesh = _dist.make_mesh(devices, seeds)
         make_runner = lambda st, bs, c, e, i: _dist.make_sharded_epoch_runner(
             st, bs, c, mesh, e, ensemble_impl=i)
@@ -490,196 +533,331 @@ def fit(
         one_eval = eval_fn
         eval_fn = jax.jit(lambda ps, x, y: ensemble_step(
             lambda p: one_eval(p, x, y), impl)(ps))
+    return _Program(steps_per_epoch, chunk, tail, runner, tail_runner, eval_fn, host_step,
+                    host_params)
 
-    seed_list = [seed + i for i in range(seeds)] if ensemble else [seed]
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in seed_list])
-    k_init, k_shuffle = jax.vmap(jax.random.split, out_axes=1)(keys)
-    def initial_state():
-        if ensemble:
-            return jax.vmap(lambda k: init_train_state(model, rule, optimizer, k, rule_kwargs))(
-                k_init)
-        return init_train_state(model, rule, optimizer, k_init[0], rule_kwargs)
 
+class _Seeding:
+    """The seeds of a `fit` (``seed``, or ``seed..seed+seeds-1`` for an ensemble): their
+    initial states and each epoch's data order, from one key per seed."""
+
+    def __init__(self, model: Any, rule: LearningRule, optimizer: optax.GradientTransformation,
+                 seed: int, seeds: int | None, n: int):
+        self.model, self.rule, self.optimizer, self.n = model, rule, optimizer, n
+        self.ensemble = seeds is not None
+        self.seed_list = [seed + i for i in range(seeds)] if self.ensemble else [seed]
+        keys = jnp.stack([jax.random.PRNGKey(s) for s in self.seed_list])
+        self.k_init, self.k_shuffle = jax.vmap(jax.random.split, out_axes=1)(keys)
+
+    def initial_state(self) -> TrainState:
+        if self.ensemble:
+            return jax.vmap(lambda k: init_train_state(self.model, self.rule, self.optimizer,
+                                                       k))(self.k_init)
+        return init_train_state(self.model, self.rule, self.optimizer, self.k_init[0])
+
+    def permutation(self, epoch: int) -> Array:
+        """The order of the training examples in ``epoch`` (one row per seed for an ensemble)."""
+        if self.ensemble:
+            return jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, epoch),
+                                                             self.n))(self.k_shuffle)
+        return jax.random.permutation(jax.random.fold_in(self.k_shuffle[0], epoch), self.n)
+
+
+class _Start(NamedTuple):
+    """Where `fit` starts: the state, the epoch, the steps done in it and their metric sums,
+    the history so far, how many records ``metrics.jsonl`` holds (None for a new run: whatever
+    it holds) and the steps of the checkpoints saved so far."""
+
+    state: TrainState
+    epoch: int
+    done: int
+    sums: dict[str, Any]
+    history: list[dict[str, Any]]
+    records: int | None
+    saved: list[int]
+
+
+def _given_state(state: TrainState | None, seeding: _Seeding) -> TrainState:
+    """``state`` after checking that it has the params and rule state that the model and rule
+    build (a ValueError if not), or the initial state when None."""
     if state is None:
-        state = None if resume else initial_state()  # a resumed run restores it below
-    else:
-        want = jax.eval_shape(initial_state)
-        check_tree_matches({"params": want.params, "rule_state": want.rule_state},
-                           {"params": state.params, "rule_state": state.rule_state}, "state",
-                           "this model and rule" + (f" (x{seeds} seeds)" if ensemble else ""))
-    fingerprint = {"seed": seed, "seeds": seeds, "batch_size": batch_size, "n_train": n,
-                   "steps_per_epoch": steps_per_epoch, "form": form}
-    start_epoch, start_done, start_sums, history, records = 0, 0, {}, [], None
-    last_saved: list[int] = []
-    if resume:
-        clean_temp_files(ckpt_dir)
-        records = 0
-        if latest_checkpoint(ckpt_dir) is None:
-            state = initial_state()
-        else:
-            ck = load_checkpoint(ckpt_dir, target=jax.eval_shape(initial_state))
-            differ = {k: (ck.meta["fit"].get(k), v) for k, v in fingerprint.items()
-                      if ck.meta["fit"].get(k) != v}
-            if differ:
-                raise CheckpointError(
-                    f"checkpoint {ck.path} was written by a run with other settings: " + ", ".join(
-                        f"{k}={a!r} there, {b!r} now" for k, (a, b) in differ.items())
-                    + "; resume with the run's own settings (its config.json)")
-            state, last_saved = ck.state, [ck.step]
-            start_epoch, start_done = ck.meta["epoch"], ck.meta["step_in_epoch"]
-            start_sums = {k: np.asarray(v, np.float64) for k, v in ck.meta["sums"].items()}
-            history, records = list(ck.meta["history"]), ck.meta["records"]
+        return seeding.initial_state()
+    want = jax.eval_shape(seeding.initial_state)
+    check_tree_matches({"params": want.params, "rule_state": want.rule_state},
+                       {"params": state.params, "rule_state": state.rule_state}, "state",
+                       "this model and rule" + (f" (x{len(seeding.seed_list)} seeds)"
+                                                if seeding.ensemble else ""))
+    return state
+
+
+def _resume(ckpt_dir: Path, seeding: _Seeding, fingerprint: dict[str, Any]) -> _Start:
+    """Where a resumed `fit` starts: its newest checkpoint in ``ckpt_dir`` (a CheckpointError
+    if a run with other settings wrote it), or the beginning when there is none."""
+    clean_temp_files(ckpt_dir)
+    if latest_checkpoint(ckpt_dir) is None:
+        return _Start(seeding.initial_state(), 0, 0, {}, [], 0, [])
+    ck = load_checkpoint(ckpt_dir, target=jax.eval_shape(seeding.initial_state))
+    differ = {k: (ck.meta["fit"].get(k), v) for k, v in fingerprint.items()
+              if ck.meta["fit"].get(k) != v}
+    if differ:
+        raise CheckpointError(
+            f"checkpoint {ck.path} was written by a run with other settings: " + ", ".join(
+                f"{k}={a!r} there, {b!r} now" for k, (a, b) in differ.items())
+            + "; resume with the run's own settings (its config.json)")
+    sums = {k: np.asarray(v, np.float64) for k, v in ck.meta["sums"].items()}
+    return _Start(ck.state, ck.meta["epoch"], ck.meta["step_in_epoch"], sums,
+                  list(ck.meta["history"]), ck.meta["records"], [ck.step])
+
+
+class _RunLog:
+    """``metrics.jsonl`` in ``out_dir``, appended one strict-JSON record a line (nothing is
+    written without ``out_dir``); ``records`` counts its lines, which checkpoints save.
+
+    ``keep``: None for a new run (records already there stay and are counted); on resume, the
+    count of the checkpoint, and the file is first cut back to that many records.
+    """
+
+    def __init__(self, out_dir: str | Path | None, keep: int | None):
+        self._file = None
+        self.records = keep
         if out_dir is not None:
-            _truncate_records(Path(out_dir) / "metrics.jsonl", records)
-    leaf_names = nonfinite_leaf_names(state.params, state.rule_state)
-    x_dev, y_dev = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+            path = Path(out_dir) / "metrics.jsonl"
+            if keep is not None:
+                self._cut_back(path, keep)
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            if keep is None:
+                self.records = self._count(path)
+            self._file = open(path, "a")  # noqa: SIM115
+        self.records = self.records or 0
 
-    def permutation(epoch):
-        if ensemble:
-            return jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, epoch), n))(
-                k_shuffle)
-        return jax.random.permutation(jax.random.fold_in(k_shuffle[0], epoch), n)
+    def write(self, rec: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(_json_safe(rec), allow_nan=False) + "\n")
+            self._file.flush()
+            self.records += 1
 
-    def scalarise(prefix: str, m: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in m.items():
-            v = np.asarray(v)
-            if ensemble:
-                out[f"{prefix}{k}"] = [float(a) for a in v]
-                out.update({f"{prefix}{k}_{s}": x for s, x in _summarise(v).items()})
-            else:
-                out[f"{prefix}{k}"] = float(v)
-        return out
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
-    log_file = None
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        if records is None:
-            records = _count_records(Path(out_dir) / "metrics.jsonl")
-        log_file = open(Path(out_dir) / "metrics.jsonl", "a")  # noqa: SIM115
-    records = records or 0
+    @staticmethod
+    def _count(path: Path) -> int:
+        if not path.exists():
+            return 0
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
 
-    def log(rec: dict[str, Any]) -> None:
-        nonlocal records
-        if log_file is not None:
-            log_file.write(json.dumps(_json_safe(rec), allow_nan=False) + "\n")
-            log_file.flush()
-            records += 1
+    @staticmethod
+    def _cut_back(path: Path, keep: int) -> None:
+        """Cuts the file back to its first ``keep`` records (atomically), dropping the records
+        of steps after the checkpoint a run resumes from (and any partial last line)."""
+        if not path.exists():
+            return
+        lines = path.read_bytes().splitlines(keepends=True)
+        if len(lines) < keep:
+            warnings.warn(f"{path} has {len(lines)} records, the checkpoint saw {keep}; some "
+                          "records are missing", RuntimeWarning,
+                          stacklevel=4)  # _cut_back <- __init__ <- fit <- fit's caller
+        if len(lines) != keep or (lines and not lines[-1].endswith(b"\n")):
+            atomic_write_bytes(path, b"".join(lines[:keep]))
 
-    def save(epoch_idx: int, done_in_epoch: int, sums: dict[str, Any]) -> None:
-        meta = {"step": global_step(), "epoch": epoch_idx, "step_in_epoch": done_in_epoch,
+
+class _Checkpoints:
+    """`fit`'s checkpoint policy: none with ``every`` None; else one at the end of each epoch,
+    and for ``every > 0`` one at the first chunk end at or after each multiple of ``every``
+    steps. ``saved`` lists the steps saved (a resumed run's starts with its checkpoint)."""
+
+    def __init__(self, directory: Path | None, every: int | None, fingerprint: dict[str, Any],
+                 saved: list[int], host_params: Callable):
+        self.directory, self.every, self.fingerprint = directory, every, fingerprint
+        self.saved, self._host_params = saved, host_params
+
+    @property
+    def each_epoch(self) -> bool:
+        return self.every is not None
+
+    def due(self, before: int, after: int, done: int, steps_per_epoch: int) -> bool:
+        """Whether to save after the chunk of steps ``before+1..after`` that ends ``done``
+        steps into its epoch (not at the epoch's end, which saves anyway)."""
+        return bool(self.every and done < steps_per_epoch
+                    and after // self.every > before // self.every)
+
+    def save(self, state: TrainState, step: int, epoch_idx: int, done_in_epoch: int,
+             sums: dict[str, Any], history: list[dict[str, Any]], records: int) -> None:
+        meta = {"step": step, "epoch": epoch_idx, "step_in_epoch": done_in_epoch,
                 "sums": {k: np.asarray(v, np.float64).tolist() for k, v in sums.items()},
-                "history": history, "records": records, "fit": fingerprint,
+                "history": history, "records": records, "fit": self.fingerprint,
                 "saved_at": time.time()}
-        host = host_params(state)  # every process joins in (a gather when multi-host)
+        host = self._host_params(state)  # every process joins in (a gather when multi-host)
         if jax.process_index() == 0:
-            save_checkpoint(ckpt_dir, host, meta)
-        last_saved.append(meta["step"])
+            save_checkpoint(self.directory, host, meta)
+        self.saved.append(step)
 
-    def check_finite(m: dict[str, Any], before: int, after: int, epoch: int) -> None:
+
+class _NonFiniteGuard:
+    """`fit`'s ``on_nonfinite`` policy, on each chunk's metrics: NaN/Inf in a step stops the
+    run with a `NonFiniteError` (``"stop"``), or (``"skip"``: the steps dropped those updates)
+    gives a warning and a ``"kind": "nonfinite"`` record."""
+
+    def __init__(self, mode: str | None, leaf_names: list[str], checkpoints: _Checkpoints,
+                 log: _RunLog):
+        self.mode, self.leaf_names, self.checkpoints, self.log = mode, leaf_names, checkpoints, log
+
+    def check(self, m: dict[str, Any], before: int, after: int, epoch: int) -> None:
+        """Takes the ``nonfinite_*`` entries out of ``m``, the metrics of steps
+        ``before+1..after``, and acts on them."""
         nf = {k: m.pop(k) for k in list(m) if k.startswith("nonfinite_")}
         if not nf or int(nf["nonfinite_steps"]) == 0:
             return
         at = before + int(nf["nonfinite_first"]) + 1
-        bad = [leaf_names[i] for i in np.flatnonzero(nf["nonfinite_leaves"])]
+        bad = [self.leaf_names[i] for i in np.flatnonzero(nf["nonfinite_leaves"])]
         where = bad[0] + (f" (also {', '.join(bad[1:4])}{', ...' if len(bad) > 4 else ''})"
                           if len(bad) > 1 else "")
-        if on_nonfinite == "skip":
+        if self.mode == "skip":
             count = int(nf["nonfinite_steps"])
             warnings.warn(f"skipped {count} update(s) with NaN/Inf in steps {before + 1}-{after}; "
-                          f"the first at step {at}, in {where}", RuntimeWarning, stacklevel=3)
-            log({"kind": "nonfinite", "epoch": epoch + 1, "step": at, "skipped": count,
-                 "first": bad[0]})
+                          f"the first at step {at}, in {where}", RuntimeWarning,
+                          stacklevel=6)  # check <- _chunk <- _epoch <- run <- fit <- caller
+            self.log.write({"kind": "nonfinite", "epoch": epoch + 1, "step": at,
+                            "skipped": count, "first": bad[0]})
             return
-        kept = (f" The last good checkpoint (step {last_saved[-1]}) in {ckpt_dir} is intact."
-                if last_saved else "")
+        saved = self.checkpoints.saved
+        kept = (f" The last good checkpoint (step {saved[-1]}) in {self.checkpoints.directory} "
+                "is intact." if saved else "")
         raise NonFiniteError(
             f"non-finite values (NaN or Inf) at step {at} (epoch {epoch + 1}), first in {where}; "
             f"training stopped.{kept} Lower the learning rate, or drop such updates with "
             "on_nonfinite='skip' (fbalign train --on-nonfinite skip).", step=at, leaf=bad[0])
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=epochs * steps_per_epoch, unit="step", dynamic_ncols=True,
-                   desc=f"{data.name}" + (f" x{seeds} seeds" if ensemble else ""), leave=True,
-                   initial=min(start_epoch * steps_per_epoch + start_done,
-                               epochs * steps_per_epoch))
-    global_step = lambda: int(host_step(state.step).reshape(-1)[0])
-    try:
-        for epoch in range(start_epoch, epochs):
-            t0 = time.perf_counter()
-            perm = permutation(epoch)
-            sums: dict[str, Any] = dict(start_sums) if epoch == start_epoch else {}
-            done = start_done if epoch == start_epoch else 0
-            while done < steps_per_epoch:
-                size = chunk if steps_per_epoch - done >= chunk else tail
-                run = runner if size == chunk else tail_runner
-                before = global_step()
-                state, m = run(state, x_dev, y_dev, perm, jnp.asarray(done, jnp.int32))
-                m = jax.device_get(m)
-                after = before + size
-                check_finite(m, before, after, epoch)
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64) * size
-                done += size
-                if probe_fn is not None and probe_every and after // probe_every > (
-                        before // probe_every):
-                    rec = {"kind": "probe", "epoch": epoch + 1, "step": after}
-                    rec.update(scalarise("", jax.device_get(probe_fn(host_params(state)))))
-                    log(rec)
-                if bar is not None:
-                    bar.update(size)
-                    bar.set_postfix({"epoch": epoch + 1, **{
-                        k: f"{float(np.mean(v)):.4f}" for k, v in m.items()}})
-                if checkpoint_every and done < steps_per_epoch and (
-                        after // checkpoint_every > before // checkpoint_every):
-                    save(epoch, done, sums)
-            rec: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": global_step()}
-            if ensemble:
-                rec["seeds"] = seed_list
-            rec.update(scalarise("train_", {k: v / steps_per_epoch for k, v in sums.items()}))
-            for split, xs, ys in (("val", data.x_val, data.y_val),
-                                  ("test", data.x_test, data.y_test)):
-                if len(xs):
-                    rec.update(scalarise(f"{split}_", _evaluate_raw(host_params(state.params),
-                                                                    xs, ys, eval_fn)))
-            rec["epoch_time_s"] = time.perf_counter() - t0
-            history.append(rec)
-            log(rec)
-            if checkpoint_every is not None:
-                save(epoch + 1, 0, {})
-            if bar is not None and "test_error" in rec:
-                err = rec.get("test_error_mean", rec["test_error"])
-                bar.write(f"epoch {epoch + 1}: train loss "
-                          f"{np.mean(rec.get('train_loss', np.nan)):.4f}  test error {err:.2f}%")
-    finally:
-        if bar is not None:
-            bar.close()
-        if log_file is not None:
-            log_file.close()
-    return FitResult(state, history)
+class _Progress:
+    """`fit`'s tqdm bar over all steps (nothing when ``show`` is False)."""
+
+    def __init__(self, show: bool, total: int, initial: int, desc: str):
+        self._bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, unit="step", dynamic_ncols=True, desc=desc,
+                             leave=True, initial=min(initial, total))
+
+    def chunk(self, epoch: int, size: int, m: dict[str, Any]) -> None:
+        """``size`` steps more; the chunk's metrics ``m`` in the bar."""
+        if self._bar is not None:
+            self._bar.update(size)
+            self._bar.set_postfix({"epoch": epoch + 1, **{
+                k: f"{float(np.mean(v)):.4f}" for k, v in m.items()}})
+
+    def epoch_end(self, epoch: int, rec: dict[str, Any]) -> None:
+        """A line with the epoch's training loss and test error (when it has one)."""
+        if self._bar is not None and "test_error" in rec:
+            err = rec.get("test_error_mean", rec["test_error"])
+            self._bar.write(f"epoch {epoch + 1}: train loss "
+                            f"{np.mean(rec.get('train_loss', np.nan)):.4f}  test error {err:.2f}%")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
-def _count_records(path: Path) -> int:
-    if not path.exists():
-        return 0
-    with open(path, "rb") as f:
-        return sum(1 for _ in f)
+class _FitLoop:
+    """The epochs of `fit`, from ``start``: chunks of steps on device (each checked for
+    NaN/Inf, probed, shown and checkpointed as due), then an evaluated record per epoch.
+    ``state`` is the current `TrainState`, ``history`` the epoch records so far."""
+
+    def __init__(self, program: _Program, seeding: _Seeding, data: Dataset, start: _Start, *,
+                 log: _RunLog, checkpoints: _Checkpoints, guard: _NonFiniteGuard,
+                 bar: _Progress, probe_fn: Callable | None, probe_every: int):
+        self.program, self.seeding, self.data, self.start = program, seeding, data, start
+        self.state, self.history = start.state, start.history
+        self.log, self.checkpoints, self.guard, self.bar = log, checkpoints, guard, bar
+        self.probe_fn, self.probe_every = probe_fn, probe_every
+        self.x, self.y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+
+    def global_step(self) -> int:
+        return int(self.program.host_step(self.state.step).reshape(-1)[0])
+
+    def run(self, epochs: int) -> None:
+        for epoch in range(self.start.epoch, epochs):
+            if epoch == self.start.epoch:  # a resumed run continues mid-epoch
+                self._epoch(epoch, dict(self.start.sums), self.start.done)
+            else:
+                self._epoch(epoch, {}, 0)
+
+    def _epoch(self, epoch: int, sums: dict[str, Any], done: int) -> None:
+        """The rest of ``epoch`` after ``done`` steps whose metrics add up to ``sums``."""
+        t0 = time.perf_counter()
+        perm = self.seeding.permutation(epoch)
+        while done < self.program.steps_per_epoch:
+            done = self._chunk(epoch, perm, sums, done)
+        rec = self._epoch_record(epoch, sums, t0)
+        self.history.append(rec)
+        self.log.write(rec)
+        if self.checkpoints.each_epoch:
+            self._save(epoch + 1, 0, {})
+        self.bar.epoch_end(epoch, rec)
+
+    def _chunk(self, epoch: int, perm: Array, sums: dict[str, Any], done: int) -> int:
+        """One chunk of steps from ``done`` steps into ``epoch``; returns the new ``done``."""
+        size, run = self.program.runner_at(done)
+        before = self.global_step()
+        self.state, m = run(self.state, self.x, self.y, perm, jnp.asarray(done, jnp.int32))
+        m = jax.device_get(m)
+        after = before + size
+        self.guard.check(m, before, after, epoch)
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64) * size
+        done += size
+        self._probe(epoch, before, after)
+        self.bar.chunk(epoch, size, m)
+        if self.checkpoints.due(before, after, done, self.program.steps_per_epoch):
+            self._save(epoch, done, sums)
+        return done
+
+    def _probe(self, epoch: int, before: int, after: int) -> None:
+        """A ``"kind": "probe"`` record when the chunk ``before+1..after`` passed a multiple of
+        ``probe_every``."""
+        every = self.probe_every
+        if self.probe_fn is not None and every and after // every > before // every:
+            rec = {"kind": "probe", "epoch": epoch + 1, "step": after}
+            rec.update(_scalarise("", jax.device_get(
+                self.probe_fn(self.program.host_params(self.state))), self.seeding.ensemble))
+            self.log.write(rec)
+
+    def _save(self, epoch_idx: int, done_in_epoch: int, sums: dict[str, Any]) -> None:
+        self.checkpoints.save(self.state, self.global_step(), epoch_idx, done_in_epoch, sums,
+                              self.history, self.log.records)
+
+    def _epoch_record(self, epoch: int, sums: dict[str, Any], t0: float) -> dict[str, Any]:
+        """The ``"kind": "epoch"`` record: the training metrics averaged over the epoch's
+        steps, and the loss and error on the validation and test sets."""
+        ensemble, program, data = self.seeding.ensemble, self.program, self.data
+        rec: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": self.global_step()}
+        if ensemble:
+            rec["seeds"] = self.seeding.seed_list
+        rec.update(_scalarise("train_", {k: v / program.steps_per_epoch
+                                         for k, v in sums.items()}, ensemble))
+        for split, xs, ys in (("val", data.x_val, data.y_val),
+                              ("test", data.x_test, data.y_test)):
+            if len(xs):
+                rec.update(_scalarise(f"{split}_", _evaluate_raw(
+                    program.host_params(self.state.params), xs, ys, program.eval_fn), ensemble))
+        rec["epoch_time_s"] = time.perf_counter() - t0
+        return rec
 
 
-def _truncate_records(path: Path, keep: int) -> None:
-    """Cuts ``metrics.jsonl`` back to its first ``keep`` records (atomically), dropping the
-    records of steps after the checkpoint a run resumes from (and any partial last line)."""
-    if not path.exists():
-        return
-    lines = path.read_bytes().splitlines(keepends=True)
-    if len(lines) < keep:
-        warnings.warn(f"{path} has {len(lines)} records, the checkpoint saw {keep}; some records "
-                      "are missing", RuntimeWarning, stacklevel=3)
-    if len(lines) != keep or (lines and not lines[-1].endswith(b"\n")):
-        atomic_write_bytes(path, b"".join(lines[:keep]))
+def _scalarise(prefix: str, m: dict[str, Any], ensemble: bool) -> dict[str, Any]:
+    """Metrics as floats named ``prefix + name``; for an ensemble, per-seed lists with their
+    ``_mean`` and ``_std``."""
+    out: dict[str, Any] = {}
+    for k, v in m.items():
+        v = np.asarray(v)
+        if ensemble:
+            out[f"{prefix}{k}"] = [float(a) for a in v]
+            out.update({f"{prefix}{k}_{s}": x for s, x in _summarise(v).items()})
+        else:
+            out[f"{prefix}{k}"] = float(v)
+    return out
 
 
 def _evaluate_raw(params, x, y, eval_fn, batch_size: int = 1000) -> dict[str, Any]:

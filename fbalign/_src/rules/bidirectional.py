@@ -22,11 +22,12 @@ from fbalign._src.base import (
 )
 from fbalign._src.channel import as_targets
 from fbalign._src.feedback_init import Initializer
+from fbalign._src.models import get_activation
 from fbalign._src.primitives import project_error
 from fbalign._src.rules.feedback_alignment import (
     DFA_ORIENTATION,
-    _draw,
     dfa_feedback_shapes,
+    draw_feedback,
 )
 
 BFA_ORIENTATION = (
@@ -45,8 +46,6 @@ class BidirectionalFeedbackAlignmentState(NamedTuple):
 def _activation(f: str | Callable[[Array], Array]) -> Callable[[Array], Array]:
     if callable(f):
         return f
-    from fbalign._src.models import get_activation  # models imports nothing from rules
-
     return get_activation(f)
 
 
@@ -108,7 +107,7 @@ def bidirectional_feedback_alignment(
     def init_fn(key: PRNGKey, params: Params) -> BidirectionalFeedbackAlignmentState:
         dtype = dense_layers(params)[0][0].dtype
         return BidirectionalFeedbackAlignmentState(
-            _draw(key, shapes(params), init, scale, dtype, fan_axis=1)
+            draw_feedback(key, shapes(params), init, scale, dtype, fan_axis=1)
         )
 
     def update_fn(
@@ -220,7 +219,7 @@ def bidirectional_direct_feedback_alignment(
     def init_fn(key: PRNGKey, params: Params) -> BidirectionalDirectFeedbackAlignmentState:
         dtype = dense_layers(params)[0][0].dtype
         return BidirectionalDirectFeedbackAlignmentState(
-            _draw(key, dfa_feedback_shapes(params), init, scale, dtype, fan_axis=0)
+            draw_feedback(key, dfa_feedback_shapes(params), init, scale, dtype, fan_axis=0)
         )
 
     def update_fn(

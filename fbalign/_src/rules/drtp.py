@@ -18,7 +18,11 @@ from fbalign._src.base import (
 from fbalign._src.channel import as_targets
 from fbalign._src.feedback_init import Initializer
 from fbalign._src.primitives import project_error
-from fbalign._src.rules.feedback_alignment import DFA_ORIENTATION, _draw, dfa_feedback_shapes
+from fbalign._src.rules.feedback_alignment import (
+    DFA_ORIENTATION,
+    dfa_feedback_shapes,
+    draw_feedback,
+)
 
 
 class DirectRandomTargetProjectionState(NamedTuple):
@@ -59,7 +63,7 @@ def direct_random_target_projection(
     def init_fn(key: PRNGKey, params: Params) -> DirectRandomTargetProjectionState:
         dtype = dense_layers(params)[0][0].dtype
         return DirectRandomTargetProjectionState(
-            _draw(key, dfa_feedback_shapes(params), init, scale, dtype, fan_axis=0)
+            draw_feedback(key, dfa_feedback_shapes(params), init, scale, dtype, fan_axis=0)
         )
 
     def update_fn(

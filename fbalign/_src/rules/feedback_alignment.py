@@ -47,7 +47,13 @@ def dfa_feedback_shapes(params: Params) -> list[tuple[int, int] | None]:
     return [(n_out, w.shape[1]) for w, _ in layers[:-1]] + [None]
 
 
-def _draw(key: PRNGKey, shapes, init, scale, dtype, fan_axis: int):
+def draw_feedback(key: PRNGKey, shapes, init, scale, dtype, fan_axis: int):
+    """Random feedback of the given ``shapes`` (None entries stay None), one key per entry.
+
+    ``init``/``scale`` as in `feedback_alignment`; the default scale uses the fan that one
+    error unit sums over: ``shape[0]`` with ``fan_axis=0`` (DFA: the ``n_out`` outputs), else
+    the output fan of ``kernel_fans(shape)`` (FA: ``dout``, times the window for a conv).
+    """
     keys = jax.random.split(key, len(shapes))
     out = []
     for k, shape in zip(keys, shapes, strict=True):
@@ -89,7 +95,7 @@ def feedback_alignment(
     def init_fn(key: PRNGKey, params: Params) -> FeedbackAlignmentState:
         shapes = fa_feedback_shapes(params)
         dtype = dense_layers(params)[0][0].dtype
-        return FeedbackAlignmentState(_draw(key, shapes, init, scale, dtype, fan_axis=1))
+        return FeedbackAlignmentState(draw_feedback(key, shapes, init, scale, dtype, fan_axis=1))
 
     def update_fn(
         params: Params, state: FeedbackAlignmentState, tape: Tape, error: Array, **extra: Any
@@ -133,7 +139,8 @@ def direct_feedback_alignment(
     def init_fn(key: PRNGKey, params: Params) -> DirectFeedbackAlignmentState:
         shapes = dfa_feedback_shapes(params)
         dtype = dense_layers(params)[0][0].dtype
-        return DirectFeedbackAlignmentState(_draw(key, shapes, init, scale, dtype, fan_axis=0))
+        return DirectFeedbackAlignmentState(
+            draw_feedback(key, shapes, init, scale, dtype, fan_axis=0))
 
     def update_fn(
         params: Params,

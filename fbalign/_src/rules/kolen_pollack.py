@@ -20,7 +20,7 @@ from fbalign._src.base import (
     dense_layers,
 )
 from fbalign._src.feedback_init import Initializer
-from fbalign._src.rules.feedback_alignment import FA_ORIENTATION, _draw, fa_feedback_shapes
+from fbalign._src.rules.feedback_alignment import FA_ORIENTATION, draw_feedback, fa_feedback_shapes
 
 
 class KolenPollackState(NamedTuple):
@@ -83,7 +83,8 @@ def kolen_pollack(
 
     def init_fn(key: PRNGKey, params: Params) -> KolenPollackState:
         dtype = dense_layers(params)[0][0].dtype
-        return KolenPollackState(_draw(key, fa_feedback_shapes(params), init, scale, dtype, 1))
+        return KolenPollackState(
+            draw_feedback(key, fa_feedback_shapes(params), init, scale, dtype, 1))
 
     def update_fn(params: Params, state: KolenPollackState, tape: Tape, error: Array, **extra: Any):
         del extra
@@ -214,7 +215,8 @@ def weight_mirror(
 
     def init_fn(key: PRNGKey, params: Params) -> WeightMirrorState:
         dtype = dense_layers(params)[0][0].dtype
-        return WeightMirrorState(_draw(key, fa_feedback_shapes(params), init, scale, dtype, 1))
+        return WeightMirrorState(
+            draw_feedback(key, fa_feedback_shapes(params), init, scale, dtype, 1))
 
     def mirror(key: PRNGKey, params: Params, fb: tuple, layers: Sequence[LayerOp]) -> tuple:
         ws = [p["w"] for p in params]

@@ -25,8 +25,8 @@ from fbalign._src.primitives import project_error
 from fbalign._src.rules.feedback_alignment import (
     DFA_ORIENTATION,
     FA_ORIENTATION,
-    _draw,
     dfa_feedback_shapes,
+    draw_feedback,
     fa_feedback_shapes,
 )
 
@@ -175,7 +175,7 @@ def random_backprop(
         shapes = shapes_of(params)
         dtype = dense_layers(params)[0][0].dtype
         if density == 1.0 and nonzeros is None:
-            return RandomBackpropState(_draw(key, shapes, init, scale, dtype, fan_axis))
+            return RandomBackpropState(draw_feedback(key, shapes, init, scale, dtype, fan_axis))
         return RandomBackpropState(
             _sparse_draw(key, shapes, init, scale, dtype, fan_axis, density, nonzeros)
         )

@@ -1,0 +1,114 @@
+"""Backward objects: the rule decides what each layer sends back; MLP, LeNet-5 and the RNN only
+call it. A user-written Backward runs unchanged in every model, and each mode string's object
+gives exactly what that mode gave."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_trees_close
+
+import fbalign as fb
+from fbalign._src.backward import (
+    Backward,
+    DirectFeedback,
+    LinearFeedback,
+    SignFeedback,
+    backward_for_mode,
+    mode_kind,
+)
+
+
+@jax.custom_vjp
+def _scale_error(x, s):
+    return x
+
+
+_scale_error.defvjp(lambda x, s: (x, s), lambda s, g: (s * g, None))
+
+
+@dataclasses.dataclass(frozen=True)
+class HalfError(Backward):
+    """A user's backward: every linear layer halves the error reaching its input."""
+
+    def linear(self, i, op, x, w):
+        return op(_scale_error(x, 0.5), w)
+
+
+def _loss(model, params, x, y, **kw):
+    return fb.cross_entropy(model.apply(params, x, **kw), y)
+
+
+@pytest.mark.parametrize("which", ["mlp", "lenet5"])
+def test_a_user_backward_runs_in_every_model_without_touching_it(which):
+    if which == "mlp":
+        model = fb.mlp((6, 5, 4, 3))
+        x = jax.random.normal(jax.random.PRNGKey(1), (4, 6))
+    else:
+        model = fb.LeNet5(conv_features=(2, 3), dense_features=(8, 6))
+        x = jax.random.normal(jax.random.PRNGKey(1), (2, 784))
+    y = jnp.array([0, 1, 2, 0])[: len(x)]
+    params = model.init(jax.random.PRNGKey(0))
+    bp = jax.grad(lambda p: _loss(model, p, x, y))(params)
+    half = jax.grad(lambda p: _loss(model, p, x, y, backward=HalfError()))(params)
+    n = len(params)
+    for i in range(n):  # layer i's error crossed n - 1 - i halving inputs above it
+        np.testing.assert_allclose(half[i]["w"], bp[i]["w"] * 0.5 ** (n - 1 - i), rtol=2e-4,
+                                   atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["fa", "kp", "sign", "dfa", "adfa"])
+def test_backward_objects_equal_their_mode_strings(mode):
+    model = fb.mlp((6, 7, 5, 3))
+    params = model.init(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 6))
+    y = jnp.array([0, 1, 2, 1])
+    name = {"sign": "frsf", "adfa": "asrbp"}.get(mode, mode)
+    rule = fb.get_rule(name)
+    fbk = fb.rules.rule_feedback(rule, params, rule.init(jax.random.PRNGKey(2), params))
+    obj = {"fa": LinearFeedback(feedback=fbk), "kp": LinearFeedback(feedback=fbk, learn=True),
+           "sign": SignFeedback(feedback=fbk), "dfa": DirectFeedback(feedback=fbk),
+           "adfa": DirectFeedback(feedback=fbk, tap_cotangent="activity")}[mode]
+    by_mode = jax.grad(lambda p, f: _loss(model, p, x, y, feedback=f, mode=mode),
+                       argnums=(0, 1))(params, fbk)
+    by_obj = jax.grad(lambda p, f: _loss(model, p, x, y, backward=dataclasses.replace(
+        obj, feedback=f)), argnums=(0, 1))(params, fbk)
+    assert_trees_close(by_obj, by_mode, 1e-6, 1e-8)
+    assert obj.kind == mode_kind(mode)
+    # and the mode is not backprop (the object is really used)
+    bp = jax.grad(lambda p: _loss(model, p, x, y))(params)
+    assert not np.allclose(by_obj[0][0]["w"], bp[0]["w"], atol=1e-5)
+
+
+def test_fa_with_b_equal_w_in_a_backward_object_is_backprop_and_transposed_b_is_refused():
+    model = fb.mlp((5, 6, 6, 3))
+    params = model.init(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 5))
+    y = jnp.array([0, 1, 2, 1])
+    same = LinearFeedback(feedback=[p["w"] for p in params])
+    assert_trees_close(jax.grad(lambda p: _loss(model, p, x, y, backward=same))(params),
+                       jax.grad(lambda p: _loss(model, p, x, y))(params), 1e-6, 1e-8)
+    bad = LinearFeedback(feedback=[None, params[1]["w"], params[2]["w"].T])
+    with pytest.raises(ValueError, match=r"layer 2.*\(6, 3\).*transposed"):
+        model.apply(params, x, backward=bad)
+
+
+def test_mode_strings_are_read_in_one_place_with_clear_errors():
+    kw = dict(num_layers=2, n_out=3, batch=4, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="unknown backward mode 'xx'"):
+        backward_for_mode("xx", None, **kw)
+    with pytest.raises(ValueError, match="needs one feedback entry per layer"):
+        backward_for_mode("fa", None, **kw)
+    with pytest.raises(ValueError, match="pass labels"):
+        backward_for_mode("drtp", [jnp.zeros((3, 4)), None], **kw)
+    assert mode_kind("drtp") == "dfa" and mode_kind("bp") is None and mode_kind(None) is None
+    # the models carry no rule logic of their own: no branch on a mode string
+    import inspect
+
+    for fn in (fb.MLP.apply, fb.LeNet5.apply, fb.models.RNN.apply):
+        src = inspect.getsource(fn)
+        assert 'mode == "fa"' not in src and 'mode == "sign"' not in src and "DFA_TAPS" not in src
