@@ -2,7 +2,7 @@
 
 from fbalign import data, losses, models, ops, rules, train
 from fbalign._src.base import EmptyState, FeedbackShapeError, LearningRule, Tape, TapeRule
-from fbalign._src.feedback_init import gaussian, orthogonal, uniform
+from fbalign._src.feedback_init import gaussian_feedback, orthogonal_feedback, uniform_feedback
 from fbalign._src.losses import cross_entropy, squared_error
 from fbalign._src.models import MLP, mlp
 from fbalign._src.primitives import (
@@ -45,19 +45,19 @@ __all__ = [
     "fa_matmul",
     "feedback_alignment",
     "feedback_op",
-    "gaussian",
+    "gaussian_feedback",
     "get_rule",
     "kp_matmul",
     "losses",
     "mlp",
     "models",
     "ops",
-    "orthogonal",
+    "orthogonal_feedback",
     "rules",
     "squared_error",
     "stop_error",
     "train",
-    "uniform",
+    "uniform_feedback",
 ]
 
 # Layers (conv/einsum feedback ops), LeNet-5 and a vanilla RNN (issue 3, layers part).

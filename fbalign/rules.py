@@ -18,7 +18,15 @@ from fbalign._src.base import (
     check_state_dtypes,
     rule_feedback,
 )
-from fbalign._src.feedback_init import FEEDBACK_INITS, gaussian, orthogonal, uniform
+from fbalign._src.feedback_init import (
+    FEEDBACK_INITS,
+    gaussian,
+    gaussian_feedback,
+    orthogonal,
+    orthogonal_feedback,
+    uniform,
+    uniform_feedback,
+)
 from fbalign._src.lift import as_learning_rule, explicit, through_primitives
 from fbalign._src.registry import RULES, RuleSpec, get_rule, grad_form
 from fbalign._src.rules.backprop import backprop
@@ -65,6 +73,9 @@ __all__ = [
     "fa_feedback_shapes",
     "feedback_alignment",
     "gaussian",
+    "gaussian_feedback",
+    "orthogonal_feedback",
+    "uniform_feedback",
     "get_rule",
     "orthogonal",
     "uniform",

@@ -112,3 +112,16 @@ def test_mode_strings_are_read_in_one_place_with_clear_errors():
     for fn in (fb.MLP.apply, fb.LeNet5.apply, fb.models.RNN.apply):
         src = inspect.getsource(fn)
         assert 'mode == "fa"' not in src and 'mode == "sign"' not in src and "DFA_TAPS" not in src
+
+
+def test_one_sign_feedback_for_rules_backward_objects_and_flax():
+    import fbalign.flax as fbx
+
+    assert fbx.sign_feedback is fb.rules.sign_feedback
+    w = jax.random.normal(jax.random.PRNGKey(0), (6, 4))
+    np.testing.assert_allclose(fb.rules.sign_feedback(w), np.sign(w) * np.sqrt(2 / 10),
+                               rtol=1e-6)
+    m = jnp.abs(jax.random.normal(jax.random.PRNGKey(1), (6, 4)))
+    np.testing.assert_allclose(fb.rules.sign_feedback(w, m), np.sign(w) * m, rtol=1e-6)
+    # feedback initialisers are named as such at the top level
+    assert fb.gaussian_feedback is fb.rules.gaussian and not hasattr(fb, "gaussian")

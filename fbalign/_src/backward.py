@@ -20,11 +20,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import jax
-import jax.numpy as jnp
 
 from fbalign._src import channel as C
 from fbalign._src import primitives as P
 from fbalign._src.base import Array
+from fbalign._src.rules.sign_symmetry import sign_feedback
 
 LinearOp = Callable[[Array, Array], Array]
 Feedback = Sequence[Array | None] | Mapping[Any, Array]
@@ -120,8 +120,7 @@ class SignFeedback(Backward):
         m = _entry(self.feedback, i)
         if m is None:
             return op(x, w)
-        b = jax.lax.stop_gradient(jnp.sign(w) * m)
-        return P.feedback_op(op)(x, w, b)
+        return P.feedback_op(op)(x, w, jax.lax.stop_gradient(sign_feedback(w, m)))
 
 
 @dataclasses.dataclass(frozen=True)

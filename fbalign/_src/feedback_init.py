@@ -88,6 +88,9 @@ def hash_uniform(
 
 
 FEEDBACK_INITS = {"gaussian": gaussian, "uniform": uniform, "orthogonal": orthogonal}
+# The public names say what these are (``fbalign.gaussian_feedback``); ``fbalign.rules`` keeps
+# the short names too.
+gaussian_feedback, uniform_feedback, orthogonal_feedback = gaussian, uniform, orthogonal
 
 
 def resolve_initializer(init: str | Initializer, scale: float | None, fan: int) -> Initializer:

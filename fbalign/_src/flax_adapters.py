@@ -33,7 +33,7 @@ from flax.errors import InvalidRngError
 from fbalign._src import primitives as P
 from fbalign._src.feedback_init import glorot_std
 from fbalign._src.layers import conv_op, feedback_conv, glorot_dfa_std, shared_dfa_feedback
-from fbalign._src.rules.sign_symmetry import DISTRIBUTIONS, draw_magnitude
+from fbalign._src.rules.sign_symmetry import DISTRIBUTIONS, draw_magnitude, sign_feedback
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -61,17 +61,6 @@ def _check_rule(rule: str) -> str:
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; valid: {', '.join(RULES)}")
     return "sign" if rule == "usf" else rule
-
-
-def sign_feedback(kernel: Array, scale: float | None = None) -> Array:
-    """``sign(W) * scale``: uniform sign-concordant feedback (uSF; Liao, Leibo & Poggio 2016).
-
-    ``scale=None`` uses the Glorot std ``sqrt(2 / (fan_in + fan_out))`` of the kernel's shape,
-    as BioTorch does.
-    """
-    if scale is None:
-        scale = glorot_std(tuple(kernel.shape))
-    return jax.lax.stop_gradient(jnp.sign(kernel)) * jnp.asarray(scale, kernel.dtype)
 
 
 def _check_distribution(distribution: str) -> str:
