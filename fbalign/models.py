@@ -2,8 +2,9 @@
 rule's backward, and wrappers that make any Flax NNX/Linen or Equinox model, or a pure
 ``apply(params, x)`` function, a network the harness trains."""
 
+from fbalign._src.activations import ACTIVATIONS, get_activation
 from fbalign._src.convnet import LeNet5, lenet5
-from fbalign._src.models import ACTIVATIONS, BACKWARD_MODES, MLP, get_activation, mlp
+from fbalign._src.models import BACKWARD_MODES, MLP, mlp
 from fbalign._src.recurrent import RNN, rnn
 from fbalign._src.wrap import (
     EquinoxNetwork,

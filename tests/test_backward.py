@@ -125,3 +125,31 @@ def test_one_sign_feedback_for_rules_backward_objects_and_flax():
     np.testing.assert_allclose(fb.rules.sign_feedback(w, m), np.sign(w) * m, rtol=1e-6)
     # feedback initialisers are named as such at the top level
     assert fb.gaussian_feedback is fb.rules.gaussian and not hasattr(fb, "gaussian")
+
+
+def test_a_rules_feedback_gradient_reaches_the_tap_as_a_function():
+    """Rule math stays in the rule's file: `dfa_hidden` hands B whatever the rule's function
+    computes (BDFA's lives in rules/bidirectional.py), and knows no rule by name."""
+    from fbalign._src.rules.bidirectional import bdfa_feedback_grad
+
+    h = jax.random.normal(jax.random.PRNGKey(0), (4, 5))
+    b = jax.random.normal(jax.random.PRNGKey(1), (3, 5))
+    t = jax.nn.one_hot(jnp.array([0, 2, 1, 2]), 3)
+    seen = {}
+
+    def mine(e, hh, bb, tt):
+        seen["shapes"] = (e.shape, hh.shape, bb.shape, tt.shape)
+        return 2.0 * bb
+
+    def f(bb, fn):
+        carrier = fb.dfa_carrier((4, 3))
+        hh, carrier = fb.dfa_hidden(h, carrier, bb, feedback_cotangent=fn, targets=t)
+        return jnp.sum(hh) + jnp.sum(fb.dfa_output(hh[:, :3], carrier))
+
+    np.testing.assert_allclose(jax.grad(f)(b, mine), 2.0 * b, rtol=1e-6)
+    assert seen["shapes"] == ((4, 3), (4, 5), (3, 5), (4, 3))
+    # BDFA's function is the gradient of its stated loss (checked against jax.grad of the loss)
+    loss = lambda bb: jnp.mean(jnp.sum(1 - jax.nn.sigmoid((t @ bb) * h), axis=1))
+    np.testing.assert_allclose(bdfa_feedback_grad(None, h, b, t), jax.grad(loss)(b), rtol=1e-5)
+    with pytest.raises(ValueError, match="'zero', 'activity' or a function"):
+        fb.dfa_hidden(h, fb.dfa_carrier((4, 3)), b, feedback_cotangent="bdfa", targets=t)

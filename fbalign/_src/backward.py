@@ -24,6 +24,7 @@ import jax
 from fbalign._src import channel as C
 from fbalign._src import primitives as P
 from fbalign._src.base import Array
+from fbalign._src.rules.bidirectional import bdfa_feedback_grad
 from fbalign._src.rules.sign_symmetry import sign_feedback
 
 LinearOp = Callable[[Array, Array], Array]
@@ -128,12 +129,12 @@ class DirectFeedback(Backward):
     """Direct feedback alignment (Nokland 2016): the output error reaches hidden layer ``i`` as
     ``e @ B_i`` through a `dfa_hidden` tap; ``B_i`` is ``(n_out, *shape of h_i)`` or flat.
 
-    ``tap`` is what ``jax.grad`` returns for ``B_i`` (`fbalign.ops.dfa_hidden`): ``"zero"``,
-    ``"activity"`` (adaptive skipped RBP) or ``"bdfa"`` (bidirectional DFA's loss, needs
-    ``targets``)."""
+    ``tap_cotangent`` is what ``jax.grad`` returns for ``B_i`` (`fbalign.ops.dfa_hidden`):
+    ``"zero"``, ``"activity"`` (adaptive skipped RBP) or a rule's own feedback gradient
+    (bidirectional DFA's `bdfa_feedback_grad`, which reads ``targets``)."""
 
     feedback: Feedback = ()
-    tap_cotangent: Literal["zero", "activity", "bdfa"] = "zero"
+    tap_cotangent: Literal["zero", "activity"] | P.FeedbackGrad = "zero"
     targets: Array | None = None
     kind: ClassVar[str | None] = "dfa"
 
@@ -161,7 +162,7 @@ class TargetProjection(DirectFeedback):
 
 
 MODES = ("bp", "fa", "kp", "dfa", "shallow", "sign", "fa_noderiv", "drtp", "adfa", "bdfa")
-_TAPS = {"dfa": "zero", "adfa": "activity", "bdfa": "bdfa"}
+_TAPS = {"dfa": "zero", "adfa": "activity", "bdfa": bdfa_feedback_grad}
 _NEEDS_FEEDBACK = ("fa", "kp", "dfa", "sign", "fa_noderiv", "drtp", "adfa", "bdfa")
 
 

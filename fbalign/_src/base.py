@@ -392,3 +392,15 @@ def chain_updates(
         if i > 0:
             delta = send_back(i, delta) * tape.derivs[i - 1]
     return updates
+
+
+def forwards_options(callee: Callable, fixed: tuple[str, ...]) -> Callable[[Callable], Callable]:
+    """Declares that a rule constructor passes its ``**kwargs`` on to ``callee`` with the
+    options ``fixed`` set by itself (``dni`` -> ``synthetic_gradients(conditioned=False)``), so
+    that `rule_options` lists ``callee``'s other options for ``--rule-arg``."""
+
+    def mark(fn: Callable) -> Callable:
+        fn.forwards_options = (callee, tuple(fixed))
+        return fn
+
+    return mark

@@ -112,9 +112,9 @@ def build_model(name: str, input_dim: int, output_dim: int, hidden: Sequence[int
 
 
 def _add_train_args(p: argparse.ArgumentParser, rule: bool = True) -> None:
+    from fbalign._src.activations import ACTIVATIONS
     from fbalign._src.data import DATA_ENV, DATASETS
     from fbalign._src.losses import LOSSES
-    from fbalign._src.models import ACTIVATIONS
     from fbalign._src.registry import RULES
 
     rules_help = "; ".join(f"{k}: {v.description}" for k, v in RULES.items())

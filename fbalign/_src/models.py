@@ -10,26 +10,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fbalign._src.activations import ACTIVATIONS, get_activation  # noqa: F401 (re-exported)
 from fbalign._src.backward import MODES, Backward, backward_for_mode
 from fbalign._src.base import Array, LayerOp, Params, PRNGKey, Tape
-
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "tanh": jnp.tanh,
-    "relu": jax.nn.relu,
-    "sigmoid": jax.nn.sigmoid,
-    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),
-    "linear": lambda x: x,
-}
-
-
-def get_activation(name: str) -> Callable[[Array], Array]:
-    """Looks up an activation by name; the error lists the valid names."""
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}"
-        ) from None
 
 
 def _deriv(f: Callable[[Array], Array], a: Array) -> Array:

@@ -24,6 +24,8 @@ from fbalign._src.base import Array
 from fbalign._src.sharding import varying_axes
 
 LinearOp = Callable[[Array, Array], Array]
+# grad(e, h, b, targets) -> g_b: a DFA-style rule's feedback gradient (flattened arrays)
+FeedbackGrad = Callable[[Array, Array, Array, Array], Array]
 
 
 @functools.cache
@@ -149,7 +151,7 @@ def dfa_hidden(
     carrier: Array,
     b: Array,
     *,
-    feedback_cotangent: Literal["zero", "activity", "bdfa"] = "zero",
+    feedback_cotangent: Literal["zero", "activity"] | FeedbackGrad = "zero",
     targets: Array | None = None,
 ) -> tuple[Array, Array]:
     """Identity on ``(h, carrier)``; backward replaces the error reaching ``h`` by ``e @ b``.
@@ -164,23 +166,23 @@ def dfa_hidden(
 
     ``feedback_cotangent`` is what ``jax.grad`` returns for ``b``: ``"zero"`` (fixed feedback),
     ``"activity"`` (``e^T h``, the local product of the signals at the two ends of the skip
-    connection: adaptive skipped RBP's channel update, Baldi et al. 2018), or ``"bdfa"`` (the
-    gradient in ``b`` of bidirectional DFA's loss ``mean_batch sum_units 1 - sigmoid((t b) * h)``
-    with the one-hot ``targets`` ``t``, Luo, Fu & Glass 2017). A rule's ``advance`` turns that
-    cotangent into its state update.
+    connection: adaptive skipped RBP's channel update, Baldi et al. 2018), or a rule's own
+    function ``grad(e, h, b, targets) -> g_b`` on the flattened ``(batch, n_out)`` error,
+    ``(batch, n_h)`` activity, ``(n_out, n_h)`` feedback and ``targets`` (bidirectional DFA's
+    `bdfa_feedback_grad` lives with its rule; needs ``targets``). A rule's ``advance`` turns
+    that cotangent into its state update.
     """
     carrier = _match_varying(carrier, h)
     if feedback_cotangent == "zero":
         return _dfa_hidden(h, carrier, b)
     if feedback_cotangent == "activity":
         return _dfa_hidden_learning("activity", h, carrier, b, jnp.zeros((), h.dtype))
-    if feedback_cotangent == "bdfa":
+    if callable(feedback_cotangent):
         if targets is None:
-            raise ValueError("dfa_hidden(feedback_cotangent='bdfa') needs targets= (one-hot)")
-        return _dfa_hidden_learning("bdfa", h, carrier, b, targets)
-    raise ValueError(
-        f"feedback_cotangent must be 'zero', 'activity' or 'bdfa', got {feedback_cotangent!r}"
-    )
+            raise ValueError("dfa_hidden with a feedback-gradient function needs targets=")
+        return _dfa_hidden_learning(feedback_cotangent, h, carrier, b, targets)
+    raise ValueError(f"feedback_cotangent must be 'zero', 'activity' or a function "
+                     f"grad(e, h, b, targets), got {feedback_cotangent!r}")
 
 
 SMALL_CONTRACTION = 16
@@ -232,7 +234,8 @@ def _tap_error(ge: Array, b: Array, gh: Array) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dfa_hidden_learning(kind: str, h: Array, carrier: Array, b: Array, targets: Array):
+def _dfa_hidden_learning(kind: str | FeedbackGrad, h: Array, carrier: Array, b: Array,
+                         targets: Array):
     del kind, b, targets
     return h, carrier
 
@@ -249,9 +252,8 @@ def _dfa_hidden_learning_bwd(kind, res, g):
     flat_h = h.reshape(n, -1)
     if kind == "activity":
         gb = ge.T @ flat_h
-    else:  # "bdfa": d/db of mean_batch sum (1 - sigmoid((t b) * h))
-        s = jax.nn.sigmoid((t @ b.reshape(b.shape[0], -1)) * flat_h)
-        gb = -(t.T @ (s * (1 - s) * flat_h)) / n
+    else:  # the rule's own feedback gradient
+        gb = kind(ge, flat_h, b.reshape(b.shape[0], -1), t)
     return (_tap_error(ge, b, gh), ge, gb.reshape(b.shape).astype(b.dtype),
             jnp.zeros_like(t))
 

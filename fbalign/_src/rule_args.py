@@ -11,10 +11,8 @@ nothing from the command line; `fbalign._src.cli` re-exports it).
 from __future__ import annotations
 
 import argparse
-import ast
 import collections.abc
 import inspect
-import textwrap
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -40,31 +38,11 @@ def rule_arg_item(value: str) -> str:
     return value
 
 
-def _forwarded(fn: Callable) -> tuple[Callable, int, set[str]] | None:
-    """``(callee, positional args, fixed keywords)`` when ``fn`` passes its ``**kwargs`` on to a
-    function of its module, e.g. ``random_backprop(init, scale, skip=True, **options)``."""
-    varkw = [p.name for p in inspect.signature(fn).parameters.values()
-             if p.kind is p.VAR_KEYWORD]
-    if not varkw:
-        return None
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    except (OSError, TypeError, SyntaxError):
-        return None
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and any(
-                k.arg is None and isinstance(k.value, ast.Name) and k.value.id == varkw[0]
-                for k in node.keywords):
-            callee = getattr(fn, "__globals__", {}).get(node.func.id)
-            if callable(callee):
-                return callee, len(node.args), {k.arg for k in node.keywords if k.arg}
-    return None
-
-
 def rule_options(make: Callable, _depth: int = 0) -> dict[str, tuple[Any, Any]]:
     """Named options of rule constructor ``make``: name -> (type hint or None, default). Only
-    named parameters count; ``**kwargs`` that ``make`` passes on to another function (DNI's
-    `synthetic_gradients`) count as that function's named parameters it does not fix."""
+    named parameters count; ``**kwargs`` that ``make`` declares it passes on to another function
+    (`forwards_options`: DNI's `synthetic_gradients`) count as that function's named parameters
+    it does not fix."""
     try:
         hints = typing.get_type_hints(make)
     except Exception:  # unresolvable annotations: the defaults' types decide
@@ -72,10 +50,9 @@ def rule_options(make: Callable, _depth: int = 0) -> dict[str, tuple[Any, Any]]:
     params = inspect.signature(make).parameters.values()
     out = {p.name: (None if hints.get(p.name, Any) is Any else hints[p.name], p.default)
            for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    fwd = _forwarded(make) if _depth < 3 else None
-    if fwd:
-        callee, n_pos, fixed = fwd
-        fixed |= set(list(inspect.signature(callee).parameters)[:n_pos])
+    fwd = getattr(make, "forwards_options", None) if _depth < 3 else None
+    if fwd:  # declared with `forwards_options`
+        callee, fixed = fwd
         for name, spec in rule_options(callee, _depth + 1).items():
             if name not in fixed and name not in out:
                 out[name] = spec

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fbalign._src.activations import get_activation
 from fbalign._src.base import (
     Array,
     Params,
@@ -22,7 +23,6 @@ from fbalign._src.base import (
 )
 from fbalign._src.channel import as_targets
 from fbalign._src.feedback_init import Initializer
-from fbalign._src.models import get_activation
 from fbalign._src.primitives import project_error
 from fbalign._src.rules.feedback_alignment import (
     DFA_ORIENTATION,
@@ -257,8 +257,19 @@ def bidirectional_direct_feedback_alignment(
             new_fb.append(b + (learning_rate / n) * (t.T @ (s * (1 - s) * h)))
         return updates, BidirectionalDirectFeedbackAlignmentState(tuple(new_fb))
 
-    # jax.grad form: mode "bdfa", whose taps (`dfa_hidden`, feedback_cotangent="bdfa") give
-    # each B_l the gradient of the backward loss above, on dense layers or feature maps.
+    # jax.grad form: mode "bdfa", whose taps (`dfa_hidden` with `bdfa_feedback_grad`) give each
+    # B_l the gradient of the backward loss above, on dense layers or feature maps.
     advance_fn = descending_advance(BidirectionalDirectFeedbackAlignmentState, learning_rate)
 
     return TapeRule(init_fn, update_fn, advance_fn)
+
+
+def bdfa_feedback_grad(e: Array, h: Array, b: Array, t: Array) -> Array:
+    """``d/dB`` of bidirectional DFA's backward loss ``mean_batch sum_units 1 - sigmoid((t B)
+    * h)`` (Luo, Fu & Glass 2017, Sec. 4.2): ``-(1/n) t^T (s (1 - s) h)`` with ``s =
+    sigmoid((t B) * h)``, on flattened ``h`` ``(n, n_h)``, ``B`` ``(n_out, n_h)`` and one-hot
+    ``t`` ``(n, n_out)``. The `dfa_hidden` taps of the rule's ``jax.grad`` form hand it to
+    ``B`` as its cotangent (``e`` is not used: the loss reads the target, not the error)."""
+    del e
+    s = jax.nn.sigmoid((t @ b) * h)
+    return -(t.T @ (s * (1 - s) * h)) / h.shape[0]

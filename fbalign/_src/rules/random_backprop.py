@@ -18,6 +18,7 @@ from fbalign._src.base import (
     check_feedback_shapes,
     dense_layers,
     descending_advance,
+    forwards_options,
 )
 from fbalign._src.channel import quantize
 from fbalign._src.feedback_init import Initializer, resolve_initializer
@@ -221,6 +222,7 @@ def random_backprop(
     return TapeRule(init_fn, update_fn, advance_fn if adaptive else None)
 
 
+@forwards_options(random_backprop, ("init", "scale", "skip"))
 def skipped_random_backprop(
     init: str | Initializer = "gaussian", scale: float | None = None, **options: Any
 ) -> TapeRule:
@@ -229,6 +231,7 @@ def skipped_random_backprop(
     return random_backprop(init, scale, skip=True, **options)
 
 
+@forwards_options(random_backprop, ("init", "scale", "adaptive", "learning_rate"))
 def adaptive_random_backprop(
     learning_rate: float = 0.01,
     init: str | Initializer = "gaussian",
@@ -240,6 +243,7 @@ def adaptive_random_backprop(
     return random_backprop(init, scale, adaptive=True, learning_rate=learning_rate, **options)
 
 
+@forwards_options(random_backprop, ("init", "scale", "skip", "adaptive", "learning_rate"))
 def adaptive_skipped_random_backprop(
     learning_rate: float = 0.01,
     init: str | Initializer = "gaussian",
@@ -255,6 +259,7 @@ def adaptive_skipped_random_backprop(
     )
 
 
+@forwards_options(random_backprop, ("init", "scale", "density", "nonzeros"))
 def sparse_random_backprop(
     density: float = 0.1,
     init: str | Initializer = "gaussian",
@@ -269,6 +274,7 @@ def sparse_random_backprop(
     return random_backprop(init, scale, density=density, nonzeros=nonzeros, **options)
 
 
+@forwards_options(random_backprop, ("init", "scale", "error_bits"))
 def quantized_random_backprop(
     bits: int = 2,
     init: str | Initializer = "gaussian",
@@ -280,6 +286,7 @@ def quantized_random_backprop(
     return random_backprop(init, scale, error_bits=bits, **options)
 
 
+@forwards_options(random_backprop, ("init", "scale", "derivative"))
 def derivative_free_random_backprop(
     init: str | Initializer = "gaussian", scale: float | None = None, **options: Any
 ) -> TapeRule:

@@ -31,6 +31,7 @@ from fbalign._src.base import (
     TapeRule,
     dense_grads,
     dense_layers,
+    forwards_options,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -413,6 +414,7 @@ def synthetic_gradients(
     return TapeRule(init_fn, update_fn)
 
 
+@forwards_options(synthetic_gradients, ("conditioned",))
 def dni(**kwargs: Any) -> TapeRule:
     """Feedforward DNI: `synthetic_gradients` with unconditioned synthesizers.
 
@@ -423,6 +425,7 @@ def dni(**kwargs: Any) -> TapeRule:
     return synthetic_gradients(conditioned=False, **kwargs)
 
 
+@forwards_options(synthetic_gradients, ("conditioned",))
 def cdni(**kwargs: Any) -> TapeRule:
     """Conditional DNI: synthesizers also see the one-hot label (``update(..., labels=y)``).
 
