@@ -13,14 +13,8 @@ import pytest
 from conftest import assert_trees_close
 
 import fbalign as fb
-from fbalign._src.backward import (
-    Backward,
-    DirectFeedback,
-    LinearFeedback,
-    SignFeedback,
-    backward_for_mode,
-    mode_kind,
-)
+from fbalign._src.backward import Backward, DirectFeedback, LinearFeedback, SignFeedback
+from fbalign._src.modes import backward_for_mode, mode_kind
 
 
 @jax.custom_vjp
@@ -153,3 +147,37 @@ def test_a_rules_feedback_gradient_reaches_the_tap_as_a_function():
     np.testing.assert_allclose(bdfa_feedback_grad(None, h, b, t), jax.grad(loss)(b), rtol=1e-5)
     with pytest.raises(ValueError, match="'zero', 'activity' or a function"):
         fb.dfa_hidden(h, fb.dfa_carrier((4, 3)), b, feedback_cotangent="bdfa", targets=t)
+
+
+GRAD_RULES = sorted(n for n, s in fb.RULES.items()
+                    if s.grad_mode is not None and isinstance(s.make(), fb.TapeRule))
+
+
+@pytest.mark.parametrize("which", ["mlp", "lenet5"])
+def test_every_rules_own_backward_equals_its_registry_mode(which):
+    """Each tape rule builds its Backward in its own file (TapeRule.backward); through the
+    harness's grad form it gives the updates and next state of the registry's mode string."""
+    from fbalign._src.lift import through_primitives
+    from fbalign._src.registry import grad_form
+
+    if which == "mlp":
+        model = fb.mlp((6, 7, 5, 3))
+        x = jax.random.normal(jax.random.PRNGKey(1), (4, 6))
+    else:
+        model = fb.LeNet5(conv_features=(2, 3), dense_features=(8, 6), num_classes=3)
+        x = jax.random.normal(jax.random.PRNGKey(1), (4, 784))
+    y = jnp.array([0, 1, 2, 1])
+    params = model.init(jax.random.PRNGKey(0))
+    ctx = fb.rules.StepContext(model, fb.cross_entropy)
+    key = jax.random.PRNGKey(5)
+    for name in GRAD_RULES:
+        rule = fb.get_rule(name)
+        assert rule.backward is not None, name
+        mode, kw = grad_form(name)
+        state = model.init_rule_state(name, jax.random.PRNGKey(2), params) if which == "lenet5" \
+            else rule.init(jax.random.PRNGKey(2), params)
+        own = through_primitives(rule, mode, kw).step(params, state, fb.rules.Batch(x, y), key,
+                                                      ctx)
+        legacy = through_primitives(rule._replace(backward=None), mode, kw).step(
+            params, state, fb.rules.Batch(x, y), key, ctx)
+        assert_trees_close(own[:2], legacy[:2], 1e-5, 1e-7)

@@ -91,6 +91,8 @@ class AdvanceFn(Protocol):
 
 
 FeedbackFn = Callable[[Params, RuleState], Any]
+# backward(feedback, labels) -> a `fbalign._src.backward.Backward` for the network's apply
+BackwardFn = Callable[[Any, Any], Any]
 
 
 class TapeRule(NamedTuple):
@@ -119,12 +121,17 @@ class TapeRule(NamedTuple):
         recipe instead (brSF keeps the key its magnitudes are hashed from, so that no
         weight-sized array is written every step). The ``jax.grad`` form and the diagnostics
         read the feedback through `rule_feedback`.
+      backward: None for rules without a ``jax.grad`` form. Otherwise ``backward(feedback,
+        labels)`` builds the `fbalign._src.backward.Backward` that the network's ``apply``
+        (``backward=``) runs so that ``jax.grad`` returns the rule's updates: the rule decides
+        what each layer sends back, in its own file.
     """
 
     init: InitFn
     update: UpdateFn
     advance: AdvanceFn | None = None
     feedback: FeedbackFn | None = None
+    backward: BackwardFn | None = None
 
 
 class Batch(NamedTuple):

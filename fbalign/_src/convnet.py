@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbalign._src.backward import MODES, Backward, backward_for_mode
+from fbalign._src.backward import Backward
 from fbalign._src.base import Array, EmptyState, LayerOp, Params, PRNGKey, TapeRule
 from fbalign._src.feedback_init import Initializer, kernel_fans, resolve_initializer
 from fbalign._src.layers import (
@@ -33,6 +33,7 @@ from fbalign._src.layers import (
     shared_dfa_feedback,
 )
 from fbalign._src.models import get_activation, matmul, run_layers
+from fbalign._src.modes import MODES, backward_for_mode
 from fbalign._src.registry import get_rule
 from fbalign._src.rules.drtp import DirectRandomTargetProjectionState
 from fbalign._src.rules.feedback_alignment import (

@@ -116,3 +116,15 @@ def resolve_initializer(init: str | Initializer, scale: float | None, fan: int) 
             "orthogonal": 1.0,
         }[init]
     return FEEDBACK_INITS[init](scale)
+
+
+def sign_feedback(w: Array, magnitude: Array | float | None = None) -> Array:
+    """``sign(W) * M``: the feedback of sign symmetry, in FA orientation (``W``'s shape).
+
+    ``magnitude`` is an array of ``W``'s shape (frSF, brSF), a scalar (uSF), or None for uSF's
+    Glorot std ``sqrt(2 / (fan_in + fan_out))`` of ``W``'s shape, as BioTorch uses (Liao, Leibo &
+    Poggio 2016). The sign carries no gradient (``d sign / dW = 0``). The one helper the rules,
+    the `Backward` objects and the Flax adapters share.
+    """
+    m = glorot_std(tuple(w.shape)) if magnitude is None else magnitude
+    return jnp.sign(w) * jnp.asarray(m, w.dtype)

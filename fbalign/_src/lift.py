@@ -85,9 +85,11 @@ def through_primitives(rule: TapeRule, mode: str, apply_kwargs: dict | None = No
                        hook_kwargs: dict | None = None) -> LearningRule:
     """The ``jax.grad`` form of a tape rule as a `LearningRule`.
 
-    ``step`` differentiates ``loss(network.apply(params, x, feedback, mode, **apply_kwargs))``
-    with the feedback `rule_feedback` gives; rules with an ``advance`` also get the feedback's
-    cotangent and move their state with it (given ``network.layer_ops()``).
+    ``step`` differentiates ``loss(network.apply(params, x, backward=rule.backward(feedback,
+    y)))`` (networks that run `Backward` objects: MLP, LeNet-5), else ``loss(network.apply(params,
+    x, feedback, mode, **apply_kwargs))``, with the feedback `rule_feedback` gives; rules with
+    an ``advance`` also get the feedback's cotangent and move their state with it (given
+    ``network.layer_ops()``).
     """
     _check_tape_rule(rule)
     extra_static = dict(apply_kwargs or {})
@@ -99,9 +101,15 @@ def through_primitives(rule: TapeRule, mode: str, apply_kwargs: dict | None = No
         extra = {"labels": y} if mode in LABEL_MODES else {}
         extra.update(extra_static)
 
+        own = rule.backward is not None and _takes_backward(net)
+
         def f(p, fb):
-            # backprop's grad form is plain jax.grad: any network's apply runs it
-            o = net.apply(p, x) if mode == "bp" else net.apply(p, x, fb, mode, **extra)
+            if own:  # the rule's own Backward (its file decides what each layer sends back)
+                o = net.apply(p, x, backward=rule.backward(fb, y))
+            elif mode == "bp":  # plain jax.grad: any network's apply runs it
+                o = net.apply(p, x)
+            else:  # networks without Backward support (the RNN): the legacy mode string
+                o = net.apply(p, x, fb, mode, **extra)
             return context.loss(o, y), o
 
         feedback = rule_feedback(rule, params, state)
@@ -117,6 +125,13 @@ def through_primitives(rule: TapeRule, mode: str, apply_kwargs: dict | None = No
 
     requires = () if mode == "bp" else ("layer_structure",)
     return LearningRule(_tape_init(rule, hook_rule, hook_kwargs), step, requires, name)
+
+
+def _takes_backward(network: Any) -> bool:
+    try:
+        return "backward" in inspect.signature(network.apply).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _check_tape_rule(rule: Any) -> None:

@@ -54,10 +54,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fbalign._src.backward import mode_kind
 from fbalign._src.base import Array, Batch, Params, StepContext, Tape, TapeRule, rule_feedback
 from fbalign._src.lift import as_learning_rule
 from fbalign._src.losses import get_loss
+from fbalign._src.modes import mode_kind
 from fbalign._src.registry import RULES, get_rule
 
 KINDS = ("fa", "sign", "dfa")

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from fbalign._src.activations import ACTIVATIONS, get_activation  # noqa: F401 (re-exported)
-from fbalign._src.backward import MODES, Backward, backward_for_mode
+from fbalign._src.backward import Backward
 from fbalign._src.base import Array, LayerOp, Params, PRNGKey, Tape
+from fbalign._src.modes import MODES, backward_for_mode
 
 
 def _deriv(f: Callable[[Array], Array], a: Array) -> Array:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fbalign._src.backward import Backward
 from fbalign._src.base import (
     Array,
     EmptyState,
@@ -36,4 +37,4 @@ def backprop() -> TapeRule:
         updates = chain_updates(params, tape, error, lambda i, d: d @ layers[i][0].T)
         return updates, state
 
-    return TapeRule(init_fn, update_fn)
+    return TapeRule(init_fn, update_fn, backward=lambda feedback, labels: Backward())

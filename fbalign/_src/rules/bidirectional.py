@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from fbalign._src.activations import get_activation
+from fbalign._src.backward import DirectFeedback, LinearFeedback
 from fbalign._src.base import (
     Array,
     Params,
@@ -149,7 +150,8 @@ def bidirectional_feedback_alignment(
             new_fb.append(fb[i] - learning_rate * (eps.T @ gs[i]))
         return updates, BidirectionalFeedbackAlignmentState(tuple(new_fb))
 
-    return TapeRule(init_fn, update_fn)
+    return TapeRule(init_fn, update_fn,
+                    backward=lambda feedback, labels: LinearFeedback(feedback=feedback))
 
 
 class BidirectionalDirectFeedbackAlignmentState(NamedTuple):
@@ -261,7 +263,14 @@ def bidirectional_direct_feedback_alignment(
     # B_l the gradient of the backward loss above, on dense layers or feature maps.
     advance_fn = descending_advance(BidirectionalDirectFeedbackAlignmentState, learning_rate)
 
-    return TapeRule(init_fn, update_fn, advance_fn)
+    def backward(feedback: Any, labels: Any) -> DirectFeedback:
+        if labels is None:
+            raise ValueError("bdfa's jax.grad form reads the targets: pass labels")
+        b = next(f for f in feedback if f is not None)  # (n_out, ...)
+        return DirectFeedback(feedback=feedback, tap_cotangent=bdfa_feedback_grad,
+                              targets=as_targets(labels, b.shape[0], b.dtype))
+
+    return TapeRule(init_fn, update_fn, advance_fn, backward=backward)
 
 
 def bdfa_feedback_grad(e: Array, h: Array, b: Array, t: Array) -> Array:

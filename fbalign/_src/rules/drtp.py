@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from fbalign._src.backward import TargetProjection
 from fbalign._src.base import (
     Array,
     Params,
@@ -92,4 +93,11 @@ def direct_random_target_projection(
         updates = chain_updates(params, tape, error, lambda i, d: project_error(t, fb[i - 1]))
         return updates, state
 
-    return TapeRule(init_fn, update_fn)
+    def backward(feedback: Any, labels: Any) -> TargetProjection:
+        if labels is None:
+            raise ValueError("drtp's jax.grad form reads the targets: pass labels")
+        b = next(f for f in feedback if f is not None)  # (n_out, ...)
+        targets = as_targets(labels, b.shape[0], b.dtype) / labels.shape[0]
+        return TargetProjection(feedback=feedback, targets=targets)
+
+    return TapeRule(init_fn, update_fn, backward=backward)

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from fbalign._src.backward import DirectFeedback, LinearFeedback
 from fbalign._src.base import (
     Array,
     Params,
@@ -109,7 +110,8 @@ def feedback_alignment(
         updates = chain_updates(params, tape, error, lambda i, d: d @ fb[i].T)
         return updates, state
 
-    return TapeRule(init_fn, update_fn)
+    return TapeRule(init_fn, update_fn,
+                    backward=lambda feedback, labels: LinearFeedback(feedback=feedback))
 
 
 def direct_feedback_alignment(
@@ -163,4 +165,5 @@ def direct_feedback_alignment(
             params, tape, error, lambda i, d: project_error(out_delta, fb[i - 1]))
         return updates, state
 
-    return TapeRule(init_fn, update_fn)
+    return TapeRule(init_fn, update_fn,
+                    backward=lambda feedback, labels: DirectFeedback(feedback=feedback))

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from fbalign._src.backward import LinearFeedback
 from fbalign._src.base import (
     Array,
     LayerOp,
@@ -121,7 +122,8 @@ def kolen_pollack(
         del key, layers
         return step(params, state.feedback, updates, feedback_grads)
 
-    return TapeRule(init_fn, update_fn, advance_fn)
+    return TapeRule(init_fn, update_fn, advance_fn, backward=lambda feedback, labels:
+                    LinearFeedback(feedback=feedback, learn=True))
 
 
 def mirror_step(b: Array, w: Array, noise: Array, learning_rate: float, weight_decay: float):
@@ -278,4 +280,5 @@ def weight_mirror(
             )
         return updates, WeightMirrorState(mirror(key, params, state.feedback, layers))
 
-    return TapeRule(init_fn, update_fn, advance_fn)
+    return TapeRule(init_fn, update_fn, advance_fn,
+                    backward=lambda feedback, labels: LinearFeedback(feedback=feedback))

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fbalign._src.backward import Backward, DirectFeedback, LinearFeedback
 from fbalign._src.base import (
     Array,
     Params,
@@ -219,7 +220,15 @@ def random_backprop(
     # skip channel's cotangent is e^T h_l (`dfa_hidden`, "activity").
     advance_fn = descending_advance(RandomBackpropState, learning_rate)
 
-    return TapeRule(init_fn, update_fn, advance_fn if adaptive else None)
+    def backward(feedback: Any, labels: Any) -> Backward:
+        del labels
+        channel = dict(derivative=derivative, error_bits=error_bits)
+        if skip:  # SRBP / ASRBP: DFA taps, the skip channel learning from e^T h_l if adaptive
+            return DirectFeedback(**channel, feedback=feedback,
+                                  tap_cotangent="activity" if adaptive else "zero")
+        return LinearFeedback(**channel, feedback=feedback, learn=adaptive)  # RBP / ARBP
+
+    return TapeRule(init_fn, update_fn, advance_fn if adaptive else None, backward=backward)
 
 
 @forwards_options(random_backprop, ("init", "scale", "skip"))

@@ -8,6 +8,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fbalign._src.backward import SignFeedback
 from fbalign._src.base import (
     Array,
     Params,
@@ -18,7 +19,7 @@ from fbalign._src.base import (
     check_feedback_shapes,
     dense_layers,
 )
-from fbalign._src.feedback_init import glorot_std, hash_uniform
+from fbalign._src.feedback_init import glorot_std, hash_uniform, sign_feedback
 
 Magnitude = Literal["uniform", "fixed_random", "batch_random"]
 MAGNITUDES = ("uniform", "fixed_random", "batch_random")
@@ -80,18 +81,6 @@ def _draw_magnitudes(
         std = glorot_std(w.shape) if scale is None else scale
         out.append(draw_magnitude(k, w.shape, w.dtype, std, distribution))
     return tuple(out)
-
-
-def sign_feedback(w: Array, magnitude: Array | float | None = None) -> Array:
-    """``sign(W) * M``: the feedback of sign symmetry, in FA orientation (``W``'s shape).
-
-    ``magnitude`` is an array of ``W``'s shape (frSF, brSF), a scalar (uSF), or None for uSF's
-    Glorot std ``sqrt(2 / (fan_in + fan_out))`` of ``W``'s shape, as BioTorch uses (Liao, Leibo &
-    Poggio 2016). The sign carries no gradient (``d sign / dW = 0``). The one helper the rules,
-    the `Backward` objects and the Flax adapters share.
-    """
-    m = glorot_std(tuple(w.shape)) if magnitude is None else magnitude
-    return jnp.sign(w) * jnp.asarray(m, w.dtype)
 
 
 def sign_symmetry(
@@ -210,9 +199,13 @@ def sign_symmetry(
             raise ValueError("brsf draws new magnitudes every batch: pass key=...")
         return updates, BatchRandomSignState(key)
 
+    def backward(feedback: Any, labels: Any) -> SignFeedback:
+        del labels  # the magnitudes (`rule_feedback`); the signs are read from W at call time
+        return SignFeedback(feedback=feedback)
+
     if magnitude == "batch_random":
-        return TapeRule(init_fn, update_fn, advance_fn, magnitudes_of)
-    return TapeRule(init_fn, update_fn)
+        return TapeRule(init_fn, update_fn, advance_fn, magnitudes_of, backward)
+    return TapeRule(init_fn, update_fn, backward=backward)
 
 
 def usf(scale: float | None = None) -> TapeRule:
