@@ -86,6 +86,8 @@ def test_fa_with_b_equal_w_in_a_backward_object_is_backprop_and_transposed_b_is_
     same = LinearFeedback(feedback=[p["w"] for p in params])
     assert_trees_close(jax.grad(lambda p: _loss(model, p, x, y, backward=same))(params),
                        jax.grad(lambda p: _loss(model, p, x, y))(params), 1e-6, 1e-8)
+    with pytest.raises(ValueError, match="one feedback entry per layer.*shared_dfa_feedback"):
+        DirectFeedback(feedback=jnp.zeros((3, 12)))  # a shared matrix, not per-layer entries
     bad = LinearFeedback(feedback=[None, params[1]["w"], params[2]["w"].T])
     with pytest.raises(ValueError, match=r"layer 2.*\(6, 3\).*transposed"):
         model.apply(params, x, backward=bad)

@@ -232,7 +232,7 @@ def test_pcast_helper_avoids_summed_gradients(eight):
 def test_devices_more_than_available_names_both_numbers():
     import jax
 
-    from fbalign._src.distributed import make_mesh
+    from fbalign._src.sharding import make_mesh
 
     n = jax.device_count()
     with pytest.raises(ValueError, match=rf"asked for {n + 7} devices but only {n} are available"):

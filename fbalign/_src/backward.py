@@ -138,6 +138,14 @@ class DirectFeedback(Backward):
     targets: Array | None = None
     kind: ClassVar[str | None] = "dfa"
 
+    def __post_init__(self):
+        if hasattr(self.feedback, "ndim"):  # one array, not one entry per layer
+            raise ValueError(
+                "DirectFeedback needs one feedback entry per layer (None for the output layer), "
+                f"got a single array of shape {tuple(self.feedback.shape)}; slice a shared "
+                "matrix per layer with fbalign.ops.shared_dfa_feedback (LeNet5.apply does that "
+                "for mode='dfa')")
+
     def begin(self, x: Array, n_out: int) -> Array:
         return P.dfa_carrier((x.shape[0], n_out), x.dtype)
 

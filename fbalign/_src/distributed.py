@@ -33,40 +33,14 @@ from jax.sharding import PartitionSpec as P
 
 from fbalign._src.sharding import (
     DATA_AXIS,
-    SEED_AXIS,
     check_batch,
-    data_parallel,
-    first_local,
     local_step_fn,
     make_mesh,
-    make_sharded_epoch_runner,
     place,
     select_devices,
     shard_specs,
-    to_host,
-    to_varying,
 )
 from fbalign._src.train import make_train_step
-
-__all__ = [
-    "DATA_AXIS",
-    "SEED_AXIS",
-    "data_parallel",
-    "first_local",
-    "initialize",
-    "make_mesh",
-    "make_pmap_train_step",
-    "make_sharded_epoch_runner",
-    "make_sharded_train_step",
-    "place",
-    "replicate",
-    "select_devices",
-    "shard_batch",
-    "to_host",
-    "to_varying",
-    "unreplicate",
-]
-
 
 # ---------------------------------------------------------------------------------------------
 # shard_map train step

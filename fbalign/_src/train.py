@@ -469,9 +469,6 @@ def _fit_rule(model: Any, rule: AnyRule, form: str, grad_mode: str | None,
               rule_kwargs: dict | None, seeds: int | None) -> tuple[LearningRule, str]:
     """The `LearningRule` that `fit` trains, checked against ``model``, and the form it runs in
     (a tape rule's ``form`` resolved for the model; the checkpoint fingerprint records it)."""
-    if not isinstance(rule, (LearningRule, TapeRule, str)):
-        raise TypeError("rule must be a LearningRule, a TapeRule or a registered name, got "
-                        f"{type(rule).__name__}")
     if is_tape_rule(rule, rule_kwargs):
         form = resolve_form(form, model)  # the fingerprint records the form that runs
     rule = as_learning_rule(rule, form, grad_mode, rule_kwargs, model)
