@@ -52,7 +52,7 @@ def build_variants(model_name: str, quick: bool):
         rules = [r for r in (QUICK_RULES if quick else MLP_RULES) if r in fbalign.RULES]
         make_state = lambda r: init_train_state(model, fbalign.get_rule(r), opt, key)
         forms = lambda r: ["grad", "explicit"] if r == "bp" else (
-            ["explicit"] + (["grad"] if fbalign.RULES[r].grad_mode else []))
+            ["explicit"] + (["grad"] if fbalign.rules.has_grad_form(r) else []))
     else:
         model = fbalign.lenet5()
         batch = 8 if quick else 64
@@ -139,15 +139,14 @@ def check_correctness(model_name: str, model, variants) -> list[str]:
         for _, r, _f, _, st, _, _ in variants:
             by_rule.setdefault(r, st)
         for r in ("bp", "fa", "dfa", "usf", "frsf"):
-            if r not in by_rule or not fbalign.RULES[r].grad_mode:
+            if r not in by_rule or not fbalign.rules.has_grad_form(r):
                 continue
             rule = fbalign.get_rule(r)
             st = by_rule[r]
-            mode = fbalign.RULES[r].grad_mode
             _, _, ue, _ = compute_updates(model, rule, cross_entropy, st.params, st.rule_state,
                                           x, y, st.key, "explicit")
             _, _, ug, _ = compute_updates(model, rule, cross_entropy, st.params, st.rule_state,
-                                          x, y, st.key, "grad", mode)
+                                          x, y, st.key, "grad")
             close(ue, ug, f"{r}: explicit and grad forms differ")
         notes.append("explicit form == jax.grad form for bp, fa, dfa, usf, frsf")
     for label, _, _, step, st, xx, yy in variants:

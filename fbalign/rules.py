@@ -28,7 +28,7 @@ from fbalign._src.feedback_init import (
     uniform_feedback,
 )
 from fbalign._src.lift import as_learning_rule, explicit, through_primitives
-from fbalign._src.registry import RULES, RuleSpec, get_rule, grad_form
+from fbalign._src.registry import RULES, RuleSpec, get_rule, has_grad_form
 from fbalign._src.rules.backprop import backprop
 from fbalign._src.rules.feedback_alignment import (
     DirectFeedbackAlignmentState,
@@ -68,7 +68,7 @@ __all__ = [
     "check_state_dtypes",
     "rule_feedback",
     "dfa_feedback_shapes",
-    "grad_form",
+    "has_grad_form",
     "direct_feedback_alignment",
     "fa_feedback_shapes",
     "feedback_alignment",

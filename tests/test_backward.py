@@ -151,16 +151,43 @@ def test_a_rules_feedback_gradient_reaches_the_tap_as_a_function():
         fb.dfa_hidden(h, fb.dfa_carrier((4, 3)), b, feedback_cotangent="bdfa", targets=t)
 
 
+# What each rule's jax.grad form ran before rules built their own Backward: the legacy mode string
+# of ``apply(params, x, feedback, mode, **kw)`` (`backward_for_mode`). The reference below.
+LEGACY_MODES = {
+    "bp": ("bp", {}), "fa": ("fa", {}), "dfa": ("dfa", {}), "usf": ("sign", {}),
+    "frsf": ("sign", {}), "brsf": ("sign", {}), "rbp": ("fa", {}), "srbp": ("dfa", {}),
+    "arbp": ("kp", {}), "asrbp": ("adfa", {}), "sparse_rbp": ("fa", {}),
+    "kbit_rbp": ("fa", {"error_bits": 2}), "nd_rbp": ("fa", {"derivative": False}),
+    "kp": ("kp", {}), "wm": ("fa", {}), "bfa": ("fa", {}), "bdfa": ("bdfa", {}),
+    "drtp": ("drtp", {}),
+}
 GRAD_RULES = sorted(n for n, s in fb.RULES.items()
-                    if s.grad_mode is not None and isinstance(s.make(), fb.TapeRule))
+                    if isinstance(s.make(), fb.TapeRule) and s.make().backward is not None)
+
+
+def test_every_rule_with_a_backward_has_a_legacy_mode():
+    assert set(GRAD_RULES) == set(LEGACY_MODES)
+
+
+def _legacy_step(model, rule, mode, kw, params, state, x, y, key):
+    """The grad form as the legacy mode string ran it: jax.grad of apply(p, x, fb, mode)."""
+    extra = {"labels": y} if mode in ("drtp", "bdfa") else {}
+
+    def f(p, fbk):
+        return fb.cross_entropy(model.apply(p, x, fbk, mode, **extra, **kw), y)
+
+    feedback = fb.rules.rule_feedback(rule, params, state)
+    updates, fb_grads = jax.grad(f, argnums=(0, 1))(params, feedback)
+    if rule.advance is None:
+        return updates, state
+    return rule.advance(params, state, updates, fb_grads, key=key, layers=model.layer_ops())
 
 
 @pytest.mark.parametrize("which", ["mlp", "lenet5"])
-def test_every_rules_own_backward_equals_its_registry_mode(which):
+def test_every_rules_own_backward_equals_its_legacy_mode(which):
     """Each tape rule builds its Backward in its own file (TapeRule.backward); through the
-    harness's grad form it gives the updates and next state of the registry's mode string."""
+    harness's grad form it gives the updates and next state of its legacy mode string."""
     from fbalign._src.lift import through_primitives
-    from fbalign._src.registry import grad_form
 
     if which == "mlp":
         model = fb.mlp((6, 7, 5, 3))
@@ -174,12 +201,9 @@ def test_every_rules_own_backward_equals_its_registry_mode(which):
     key = jax.random.PRNGKey(5)
     for name in GRAD_RULES:
         rule = fb.get_rule(name)
-        assert rule.backward is not None, name
-        mode, kw = grad_form(name)
+        mode, kw = LEGACY_MODES[name]
         state = model.init_rule_state(name, jax.random.PRNGKey(2), params) if which == "lenet5" \
             else rule.init(jax.random.PRNGKey(2), params)
-        own = through_primitives(rule, mode, kw).step(params, state, fb.rules.Batch(x, y), key,
-                                                      ctx)
-        legacy = through_primitives(rule._replace(backward=None), mode, kw).step(
-            params, state, fb.rules.Batch(x, y), key, ctx)
-        assert_trees_close(own[:2], legacy[:2], 1e-5, 1e-7)
+        own = through_primitives(rule).step(params, state, fb.rules.Batch(x, y), key, ctx)
+        legacy = _legacy_step(model, rule, mode, kw, params, state, x, y, key)
+        assert_trees_close(own[:2], legacy, 1e-5, 1e-7)

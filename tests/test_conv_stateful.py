@@ -257,8 +257,7 @@ def test_bidirectional_dfa_on_lenet_matches_reference():
     assert not np.allclose(new.rule_state.feedback[0], bs[0], atol=1e-4)
 
 
-GRAD_FORM_RULES = [n for n, spec in fb.RULES.items() if spec.grad_mode is not None
-                   and (not spec.stateful or fb.get_rule(n).advance is not None)]
+GRAD_FORM_RULES = [n for n in fb.RULES if fb.rules.has_grad_form(n)]
 
 
 @pytest.mark.parametrize("name", GRAD_FORM_RULES)

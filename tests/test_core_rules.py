@@ -168,8 +168,8 @@ def test_explicit_form_equals_grad_through_primitives(name, sizes, act):
     state = rule.init(jax.random.PRNGKey(2), params)
     fbk = getattr(state, "feedback", None)
     got = explicit(model, rule, params, state, x, labels)
-    want = jax.grad(
-        lambda p: fb.cross_entropy(model.apply(p, x, fbk, spec.grad_mode), labels))(params)
+    want = jax.grad(lambda p: fb.cross_entropy(
+        model.apply(p, x, backward=rule.backward(fbk, labels)), labels))(params)
     assert_trees_close(got, want, 1e-5, 1e-7)
 
 

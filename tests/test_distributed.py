@@ -84,14 +84,14 @@ for rule in ("bp", "fa", "dfa"):
 
 # 2. jax.grad form through the custom_vjp primitives (fa, kp, dfa): shard_map step and pmap step.
 x = np.asarray(data.x_train[:64]); y = np.asarray(data.y_train[:64])
-# (Rule objects with an explicit grad_mode: the harness refuses the name "kp" with form="grad",
-# since that form cannot update B; kp_matmul's varying B cotangent is what is tested here.)
+# (Rule objects: the harness refuses the name "kp" with form="grad", since that form cannot
+# update B without its advance; kp_matmul's varying B cotangent is what is tested here.)
 for rule in ("fa", "kp", "dfa"):
-    r, mode = fbalign.get_rule(rule), fbalign.RULES[rule].grad_mode
+    r = fbalign.get_rule(rule)
     s0 = init_train_state(model, r, opt, jax.random.PRNGKey(3))
-    ref = make_train_step(model, r, opt, form="grad", grad_mode=mode)
-    sh = D.make_sharded_train_step(model, r, opt, devices=8, form="grad", grad_mode=mode)
-    pm = D.make_pmap_train_step(model, r, opt, devices=8, form="grad", grad_mode=mode)
+    ref = make_train_step(model, r, opt, form="grad")
+    sh = D.make_sharded_train_step(model, r, opt, devices=8, form="grad")
+    pm = D.make_pmap_train_step(model, r, opt, devices=8, form="grad")
     a, b, c = s0, jax.tree.map(jnp.copy, s0), D.replicate(s0, 8)
     for _ in range(3):
         a, _m = ref(a, x, y)

@@ -19,6 +19,8 @@ from test_fa_family import TOL, explicit, grad_form, np_forward, np_layerwise, n
 from test_fa_family import setup as make_net
 
 import fbalign as fb
+from fbalign._src.backward import DirectFeedback
+from fbalign._src.rules.bidirectional import bdfa_feedback_grad
 from fbalign.rules import RULES, FeedbackShapeError
 
 # (sizes, hidden activation, batch): no hidden layer with batch 1; a wide hidden layer with
@@ -130,7 +132,9 @@ def test_asrbp_with_one_hidden_layer_is_arbp_with_the_transposed_channel(sizes, 
 def test_asrbp_is_registered_and_equals_random_backprop_with_skip_and_adaptive():
     spec = RULES["asrbp"]
     assert spec.make is fb.adaptive_skipped_random_backprop
-    assert spec.grad_mode == "adfa" and spec.stateful
+    assert spec.stateful and fb.rules.has_grad_form("asrbp")
+    back = fb.get_rule("asrbp").backward([None], None)  # DFA taps whose B learns from e^T h_l
+    assert isinstance(back, DirectFeedback) and back.tap_cotangent == "activity"
     assert fb.get_rule("asrbp") is not None
     model, params, x, labels = make_net(*CONFIGS[1])
     a = fb.adaptive_skipped_random_backprop(0.2)
@@ -260,7 +264,9 @@ def test_bdfa_feedback_learns_to_predict_the_hidden_activity():
 def test_bdfa_is_registered():
     spec = RULES["bdfa"]
     assert spec.make is fb.bidirectional_direct_feedback_alignment
-    assert spec.grad_mode == "bdfa" and spec.stateful
+    assert spec.stateful and fb.rules.has_grad_form("bdfa")
+    back = fb.get_rule("bdfa").backward([jnp.zeros((3, 4)), None], jnp.array([0, 2]))
+    assert isinstance(back, DirectFeedback) and back.tap_cotangent is bdfa_feedback_grad
 
 
 # ----------------------------------------------------------------------------------------------

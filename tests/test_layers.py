@@ -447,7 +447,7 @@ def test_recurrent_dfa_matches_hand_unrolled_reference():
     params = jax.jit(model.init)(_key(19))
     params["b"] = 0.1 * jnp.ones(5)
     xs, targets = _rand(20, (4, 3, 2), (4, 3, 3))
-    b = _init_rule_state(model, "dfa", 21, params).feedback
+    b = _init_rule_state(model, "dfa", 21, params).feedback["h"]
     assert b.shape == (3, 5)
 
     def loss(p, mode, feedback=None, targets=targets):
@@ -608,21 +608,21 @@ def test_lenet5_rule_state_for_every_registered_rule_fits_apply():
     params = jax.eval_shape(model.init, key)
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
     x, labels = jnp.zeros((2, 784)), jnp.array([1, 2])
-    modes = {name: spec.grad_mode for name, spec in RULES.items() if spec.grad_mode}
-    assert {"fa", "dfa", "kp", "drtp"} <= set(modes)
-    for name, mode in modes.items():
+    names = [n for n in RULES if getattr(get_rule(n), "backward", None) is not None]
+    assert {"fa", "dfa", "kp", "drtp"} <= set(names)
+    for name in names:
         rule_obj = get_rule(name)
         for rule in (name, rule_obj):
             fbk = jax.eval_shape(  # brsf's state is a key; rule_feedback hashes its magnitudes
                 lambda k, p, r=rule, o=rule_obj: fb.rules.rule_feedback(
                     o, p, model.init_rule_state(r, k, p)), key, params)
-            if mode in ("dfa", "drtp"):
+            if name in ("dfa", "drtp"):
                 assert fbk[-1] is None
                 assert [math.prod(b.shape) for b in fbk[:-1]] == [10 * 4704, 10 * 1600,
                                                                    10 * 120, 10 * 84]
 
-            def loss(p, f, mode=mode):
-                out = model.apply(p, x, f, mode, labels=labels)
+            def loss(p, f, o=rule_obj):
+                out = model.apply(p, x, backward=o.backward(f, labels))
                 return fb.cross_entropy(out, labels)
 
             fbk = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), fbk)

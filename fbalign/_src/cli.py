@@ -301,16 +301,16 @@ def _init_multihost(args) -> None:
 def _check_grad_form(rule: str, form: str, model: str) -> None:
     """A usage error, before the data is loaded, for a rule with no usable jax.grad form."""
     from fbalign._src.base import TapeRule
-    from fbalign._src.registry import RULES, get_rule
+    from fbalign._src.registry import RULES, get_rule, has_grad_form
 
-    if form != "grad" or not isinstance(get_rule(rule), TapeRule):
+    built = get_rule(rule)
+    if form != "grad" or not isinstance(built, TapeRule) or has_grad_form(rule):
         return  # rules with a step of their own run on any model
-    spec = RULES[rule]
     where = f"--model {model}" if model != "mlp" else "--form grad"
-    if spec.grad_mode is None:
+    if built.backward is None:
         raise UsageError(f"rule {rule!r} has no jax.grad form, which {where} needs; train it "
                          "on --model mlp with --form explicit")
-    if spec.stateful and get_rule(rule).advance is None:
+    if RULES[rule].stateful:
         raise UsageError(f"rule {rule!r} updates its feedback from the activations its explicit "
                          f"form records, which {where} cannot provide; train it on --model mlp "
                          "with --form explicit")

@@ -57,7 +57,6 @@ def make_sharded_train_step(
     mesh: Mesh | None = None,
     seeds: int | None = None,
     form: str = "explicit",
-    grad_mode: str | None = None,
     rule_kwargs: dict | None = None,
 ) -> Callable:
     """Builds a data-parallel ``step(state, x, y) -> (state, metrics)`` with `jax.shard_map`.
@@ -67,7 +66,7 @@ def make_sharded_train_step(
     `data_parallel`, and the averaged updates go through the optimizer on every device.
 
     Args:
-      model, rule, optimizer, loss, form, grad_mode, rule_kwargs: as in `make_train_step`.
+      model, rule, optimizer, loss, form, rule_kwargs: as in `make_train_step`.
       devices: number of devices (or a list); ignored when ``mesh`` is given.
       mesh: a mesh from `make_mesh`.
       seeds: when given, ``state`` is an ensemble with a leading seed axis (as made by
@@ -80,8 +79,8 @@ def make_sharded_train_step(
     """
     ensemble = seeds is not None
     mesh = mesh if mesh is not None else make_mesh(devices, seeds)
-    local = make_train_step(model, rule, optimizer, loss, form=form, grad_mode=grad_mode,
-                            rule_kwargs=rule_kwargs, jit=False, axis_name=DATA_AXIS)
+    local = make_train_step(model, rule, optimizer, loss, form=form, rule_kwargs=rule_kwargs,
+                            jit=False, axis_name=DATA_AXIS)
     state_spec, batch_spec = shard_specs(ensemble)
     sharded = jax.jit(
         jax.shard_map(local_step_fn(local, ensemble), mesh=mesh,
@@ -137,7 +136,6 @@ def make_pmap_train_step(
     *,
     devices: int | Sequence[jax.Device] | None = None,
     form: str = "explicit",
-    grad_mode: str | None = None,
     rule_kwargs: dict | None = None,
     axis_name: str = DATA_AXIS,
 ) -> Callable:
@@ -151,8 +149,8 @@ def make_pmap_train_step(
     devs = None
     if devices is not None:
         devs = select_devices(devices) if isinstance(devices, int) else list(devices)
-    local = make_train_step(model, rule, optimizer, loss, form=form, grad_mode=grad_mode,
-                            rule_kwargs=rule_kwargs, jit=False, axis_name=axis_name)
+    local = make_train_step(model, rule, optimizer, loss, form=form, rule_kwargs=rule_kwargs,
+                            jit=False, axis_name=axis_name)
     return jax.pmap(local, axis_name=axis_name, devices=devs, donate_argnums=0)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 
+from fbalign._src.backward import Backward
 from fbalign._src.base import (
     Batch,
     LearningRule,
@@ -31,11 +32,9 @@ from fbalign._src.base import (
     check_state_dtypes,
     rule_feedback,
 )
-from fbalign._src.registry import RULES, get_rule, grad_form
+from fbalign._src.registry import RULES, get_rule
 
 FORMS = ("explicit", "grad")
-# Backward modes that read the targets (DRTP projects them, BDFA's feedback learns from them).
-LABEL_MODES = ("drtp", "bdfa")
 
 
 def _tape_init(rule: TapeRule, hook_rule: Any = None, hook_kwargs: dict | None = None):
@@ -80,36 +79,33 @@ def explicit(rule: TapeRule, *, name: str = "tape rule", hook_rule: Any = None,
                         ("forward", "layer_structure"), name)
 
 
-def through_primitives(rule: TapeRule, mode: str, apply_kwargs: dict | None = None, *,
-                       name: str = "tape rule", hook_rule: Any = None,
+def through_primitives(rule: TapeRule, *, name: str = "tape rule", hook_rule: Any = None,
                        hook_kwargs: dict | None = None) -> LearningRule:
     """The ``jax.grad`` form of a tape rule as a `LearningRule`.
 
     ``step`` differentiates ``loss(network.apply(params, x, backward=rule.backward(feedback,
-    y)))`` (networks that run `Backward` objects: MLP, LeNet-5), else ``loss(network.apply(params,
-    x, feedback, mode, **apply_kwargs))``, with the feedback `rule_feedback` gives; rules with
-    an ``advance`` also get the feedback's cotangent and move their state with it (given
+    y)))`` with the feedback `rule_feedback` gives: the rule's own `Backward` decides what each
+    layer sends back (MLP, LeNet-5, the RNN). Backprop also runs on networks whose ``apply``
+    takes no ``backward`` (wrapped Flax/Equinox models, plain functions). Rules with an
+    ``advance`` also get the feedback's cotangent and move their state with it (given
     ``network.layer_ops()``).
     """
     _check_tape_rule(rule)
-    extra_static = dict(apply_kwargs or {})
+    if rule.backward is None:
+        raise ValueError(f"rule {name!r} has no jax.grad form (its TapeRule.backward is None); "
+                         "train it with form='explicit' (--form explicit)")
+    plain = _is_backprop(rule)
 
     def step(params: Params, state: RuleState, batch: Batch, key: PRNGKey,
              context: StepContext) -> tuple[Any, RuleState, StepOutput]:
         check_state_dtypes(params, state)
         net, x, y = context.network, batch.x, batch.y
-        extra = {"labels": y} if mode in LABEL_MODES else {}
-        extra.update(extra_static)
-
-        own = rule.backward is not None and _takes_backward(net)
 
         def f(p, fb):
-            if own:  # the rule's own Backward (its file decides what each layer sends back)
-                o = net.apply(p, x, backward=rule.backward(fb, y))
-            elif mode == "bp":  # plain jax.grad: any network's apply runs it
+            if plain and not _takes_backward(net):  # plain jax.grad: any network runs it
                 o = net.apply(p, x)
-            else:  # networks without Backward support (the RNN): the legacy mode string
-                o = net.apply(p, x, fb, mode, **extra)
+            else:  # the rule's own Backward (its file decides what each layer sends back)
+                o = net.apply(p, x, backward=rule.backward(fb, y))
             return context.loss(o, y), o
 
         feedback = rule_feedback(rule, params, state)
@@ -123,8 +119,17 @@ def through_primitives(rule: TapeRule, mode: str, apply_kwargs: dict | None = No
                                       layers=layer_ops() if layer_ops is not None else None)
         return updates, state, StepOutput(loss_val, out)
 
-    requires = () if mode == "bp" else ("layer_structure",)
+    requires = () if plain else ("layer_structure",)
     return LearningRule(_tape_init(rule, hook_rule, hook_kwargs), step, requires, name)
+
+
+def _is_backprop(rule: TapeRule) -> bool:
+    """Whether the rule's backward is plain backprop (`Backward` with its defaults)."""
+    try:
+        made = rule.backward((), None)
+    except (ValueError, TypeError, StopIteration):  # rules whose backward reads the targets
+        return False
+    return made == Backward()
 
 
 def _takes_backward(network: Any) -> bool:
@@ -154,31 +159,25 @@ def _check_step_signature(rule: LearningRule) -> None:
 
 
 def as_learning_rule(rule: LearningRule | TapeRule | str, form: str = "explicit",
-                     grad_mode: str | None = None, rule_kwargs: dict | None = None,
-                     network: Any = None) -> LearningRule:
+                     rule_kwargs: dict | None = None, network: Any = None) -> LearningRule:
     """What the harness trains: a `LearningRule` as given, a `TapeRule` lifted in ``form``, or
     the registered rule ``rule`` built with ``rule_kwargs`` (and lifted if it is a tape rule).
 
     Args:
       form: ``"explicit"`` or ``"grad"`` for tape rules. Rules with a step of their own have one
         form; ``"grad"`` for them is an error. Given a ``network`` that records no tape (no
-        ``forward``: LeNet-5, the RNN, wrapped models), ``"explicit"`` becomes ``"grad"`` (both
-        forms give the same updates where both exist; see `resolve_form`).
-      grad_mode: the ``network.apply`` mode of the ``"grad"`` form of a `TapeRule` object
-        (looked up in the registry for a name).
+        ``forward``: the RNN, wrapped models), ``"explicit"`` becomes ``"grad"`` (both forms
+        give the same updates where both exist; see `resolve_form`). A tape rule without a
+        ``jax.grad`` form (``TapeRule.backward`` None) keeps ``"explicit"`` unless ``"grad"``
+        was asked for, which is an error.
     """
     explicitly_grad = form == "grad"
     form = resolve_form(form, network)
     hook_rule = hook_kwargs = None
-    apply_kwargs: dict = {}
     name = "tape rule"
     if isinstance(rule, str):
         built = get_rule(rule, **(rule_kwargs or {}))
         hook_rule, hook_kwargs, name = rule, dict(rule_kwargs or {}), rule
-        looked_up, apply_kwargs = grad_form(rule, rule_kwargs)
-        if grad_mode is not None and grad_mode != looked_up:
-            apply_kwargs = {}  # an explicit mode overrides the registry's grad form
-        grad_mode = grad_mode or looked_up
         _check_stateful_grad(rule, built, form)
         rule = built
     elif rule_kwargs:
@@ -193,14 +192,10 @@ def as_learning_rule(rule: LearningRule | TapeRule | str, form: str = "explicit"
     if not isinstance(rule, TapeRule):
         raise TypeError("rule must be a LearningRule, a TapeRule or a registered name "
                         f"({', '.join(RULES)}), got {type(rule).__name__}")
-    if form == "explicit" or (grad_mode is None and not explicitly_grad):
+    if form == "explicit" or (rule.backward is None and not explicitly_grad):
         # (no grad form to fall back on: check_network then names what the rule needs)
         return explicit(rule, name=name, hook_rule=hook_rule, hook_kwargs=hook_kwargs)
-    if grad_mode is None:
-        raise ValueError("form='grad' needs the rule's grad_mode (use a registered rule name or "
-                         "pass grad_mode=); this rule may have no primitive form")
-    return through_primitives(rule, grad_mode, apply_kwargs, name=name, hook_rule=hook_rule,
-                              hook_kwargs=hook_kwargs)
+    return through_primitives(rule, name=name, hook_rule=hook_rule, hook_kwargs=hook_kwargs)
 
 
 def is_tape_rule(rule: Any, rule_kwargs: dict | None = None) -> bool:

@@ -57,11 +57,9 @@ import jax.numpy as jnp
 from fbalign._src.base import Array, Batch, Params, StepContext, Tape, TapeRule, rule_feedback
 from fbalign._src.lift import as_learning_rule
 from fbalign._src.losses import get_loss
-from fbalign._src.modes import mode_kind
 from fbalign._src.registry import RULES, get_rule
 
-KINDS = ("fa", "sign", "dfa")
-# How the registered rules' feedback is laid out, by their `MLP.apply` mode.
+KINDS = ("fa", "sign", "dfa")  # feedback layouts (`Backward.kind`)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,28 +262,25 @@ def feedback_metrics(
 def feedback_kind(
     rule: TapeRule | str, params: Params, rule_state: Any, feedback: Any = None
 ) -> str | None:
-    """Guesses the feedback layout of a rule: a registered name by its `MLP.apply` mode, else
-    (a `TapeRule`, or a name without a primitive form) by the shapes of its feedback
-    (``feedback``, else `fbalign.rules.rule_feedback` of the rule and state): ``"fa"`` or
-    ``"dfa"``; None when there is none to read.
+    """The feedback layout of a rule: the ``kind`` (``"fa"``, ``"sign"``, ``"dfa"``) of the
+    `Backward` its ``jax.grad`` form builds, else (a rule without one) guessed from the shapes
+    of its feedback (``feedback``, else `fbalign.rules.rule_feedback` of the rule and state):
+    ``"fa"`` or ``"dfa"``; None when there is none to read.
 
-    Sign symmetry stores magnitudes of ``W``'s shape, which look like FA feedback: pass its
-    registered name, or ``kind="sign"``, to `make_alignment_probe`.
+    Sign symmetry stores magnitudes of ``W``'s shape, which look like FA feedback; its
+    `Backward` says ``"sign"``.
     """
+    rule_obj = get_rule(rule) if isinstance(rule, str) and rule in RULES else rule
+    if not isinstance(rule_obj, TapeRule):
+        rule_obj = None
     if feedback is None:
-        rule_obj = rule
-        if isinstance(rule, str):
-            rule_obj = get_rule(rule) if rule in RULES else None
-        if not isinstance(rule_obj, TapeRule):
-            rule_obj = None
         feedback = (rule_feedback(rule_obj, params, rule_state) if rule_obj is not None
                     else getattr(rule_state, "feedback", None))
     if feedback is None or not _is_dense(params) or len(feedback) != len(params):
         return None
-    if isinstance(rule, str):
-        spec = RULES.get(rule)
-        if spec is not None and spec.grad_mode is not None:
-            return mode_kind(spec.grad_mode)
+    if rule_obj is not None and rule_obj.backward is not None:
+        # one stand-in label: rules whose backward reads the targets (DRTP, BDFA) build it too
+        return rule_obj.backward(feedback, jnp.zeros((1,), jnp.int32)).kind
     ws = [p["w"] for p in params]
     fb = list(feedback)
     if len(ws) < 2:
@@ -309,7 +304,6 @@ def make_alignment_probe(
     *,
     kind: str | None = "auto",
     rule_kwargs: dict | None = None,
-    grad_mode: str | None = None,
     jit: bool = True,
 ) -> Callable[[Any], dict[str, Array]]:
     """Builds ``probe_fn(state) -> dict`` of alignment metrics on the fixed batch ``(x, y)``.
@@ -328,7 +322,7 @@ def make_alignment_probe(
 
     Args:
       model: the model trained (``forward`` for the explicit form; ``apply`` for the gradient).
-        Models without ``forward`` use the rule's primitive form (``grad_mode``).
+        Models without ``forward`` use the rule's ``jax.grad`` form (its `Backward`).
       rule: the rule (or registered name, built with ``rule_kwargs``) that ``fit`` trains with;
         its feedback is read from the state, so only its hyperparameters must match.
       loss: a loss ``(output, target) -> scalar`` or its name.
@@ -342,7 +336,7 @@ def make_alignment_probe(
         tape_rule = None  # a rule with a step of its own: no feedback to read
     explicit = hasattr(model, "forward") and tape_rule is not None
     form = "grad" if tape_rule is not None and not explicit else "explicit"
-    stepper = as_learning_rule(rule, form, grad_mode, rule_kwargs if isinstance(rule, str)
+    stepper = as_learning_rule(rule, form, rule_kwargs if isinstance(rule, str)
                                else None)
     loss_fn = get_loss(loss) if isinstance(loss, str) else loss
     if kind not in (None, "auto") and kind not in KINDS:

@@ -4,7 +4,7 @@
 time-major: inputs ``(T, batch, din)``, outputs ``(T, batch, dout)``.
 
 DFA (Nokland 2016, applied per time step): each step's output error ``e_t = dL/dy_t`` is carried
-to ``h_t`` by an error carrier scanned alongside the inputs; ``h_t`` receives ``e_t @ B`` and the
+to ``h_t`` by an error carrier (the rule's `Backward` makes it) scanned alongside the inputs; ``h_t`` receives ``e_t @ B`` and the
 error arriving from the output layer *and* from step ``t+1`` is discarded, so nothing travels
 back through time. With ``delta_t = (e_t B) * f'(a_t)``:
 ``dW_in = sum_t x_t^T delta_t``, ``dW_rec = sum_t h_{t-1}^T delta_t``, ``db = sum_t delta_t``,
@@ -14,14 +14,14 @@ and the readout learns from ``e_t`` as in backprop.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fbalign._src import primitives as P
-from fbalign._src.backward import Backward, LinearFeedback
+from fbalign._src.backward import Backward, DirectFeedback, LinearFeedback
 from fbalign._src.base import Array, EmptyState, Params, PRNGKey
 from fbalign._src.feedback_init import Initializer, resolve_initializer
 from fbalign._src.models import get_activation, matmul
@@ -43,7 +43,11 @@ class RNN:
 
     * ``"fa"``/``"kp"``: ``{"w_rec": B_rec (H, H), "w_out": B_out (H, dout)}``, each of its
       weight's shape (the input projection sends no error anywhere);
-    * ``"dfa"``: ``B`` of shape ``(dout, H)``, one matrix shared by all time steps.
+    * ``"dfa"``: ``{"h": B}`` with ``B`` of shape ``(dout, H)``, one matrix shared by all time
+      steps (a bare ``B`` is accepted too).
+
+    ``apply(..., backward=...)`` runs any `fbalign._src.backward.Backward` instead: its layers
+    are ``"w_rec"`` and ``"w_out"`` and its hidden tap ``"h"``.
 
     ``init_rule_state`` draws them as the ``feedback`` of a rule state, so ``fit`` trains the
     RNN with ``bp``, ``fa`` and ``dfa`` (through their ``jax.grad`` forms).
@@ -91,7 +95,7 @@ class RNN:
     ) -> Any:
         """The state whose ``feedback`` ``apply(..., mode=rule)`` needs: `EmptyState` for
         ``"bp"``, `FeedbackAlignmentState` of ``{"w_rec", "w_out"}`` for ``"fa"``,
-        `DirectFeedbackAlignmentState` of one ``(dout, H)`` matrix for ``"dfa"``.
+        `DirectFeedbackAlignmentState` of ``{"h": B}``, one ``(dout, H)`` matrix, for ``"dfa"``.
 
         ``rule`` is a registered name: the RNN has no per-layer chain, so a rule object's own
         ``init`` cannot size its feedback. Kolen-Pollack's mode ``"kp"`` exists in ``apply``
@@ -114,7 +118,7 @@ class RNN:
             })
         shape = (self.output_size, self.hidden_size)
         return DirectFeedbackAlignmentState(
-            resolve_initializer(init, scale, fan=self.output_size)(key, shape, dtype))
+            {"h": resolve_initializer(init, scale, fan=self.output_size)(key, shape, dtype)})
 
     def _time_major(self, xs: Array) -> Array:
         if self.time_major:
@@ -127,62 +131,66 @@ class RNN:
         return jnp.swapaxes(xs, 0, 1)
 
     def apply(
-        self, params: Params, xs: Array, feedback: Any = None, mode: str = "bp"
+        self, params: Params, xs: Array, feedback: Any = None, mode: str = "bp", *,
+        backward: Backward | None = None,
     ) -> Array:
         """Runs the RNN over ``xs`` (``(T, batch, din)``, or batch-major with
-        ``time_major=False``); ``jax.grad`` is the rule named by ``mode``.
+        ``time_major=False``); ``jax.grad`` runs the rule's backward.
+
+        The rule's backward is a `fbalign._src.backward.Backward` (``backward=``; the recurrent
+        and readout maps are its layers ``"w_rec"`` and ``"w_out"``, the hidden state its tap
+        ``"h"``), or one built from a legacy ``mode`` (``"bp"``, ``"fa"``, ``"kp"``, ``"dfa"``)
+        and ``feedback`` (see `RNN`). A DFA-style backward gets one error carrier per time step,
+        so each step's output error reaches that step's hidden state.
 
         Returns:
           ``ys`` of shape ``(T, batch, dout)``, the readout at every step (``readout="all"``),
           or ``(batch, dout)``, the last step's (``readout="last"``).
         """
-        if mode not in RNN_MODES:
-            raise ValueError(f"unknown RNN mode {mode!r}; valid: {', '.join(RNN_MODES)}")
         xs = self._time_major(xs)
         if xs.ndim != 3 or xs.shape[-1] != self.input_size:
             raise ValueError(
                 f"RNN expects time-major inputs (T, batch, {self.input_size}), got "
                 f"{tuple(xs.shape)}"
             )
-        if mode != "bp" and feedback is None:
-            raise ValueError(f"mode {mode!r} needs feedback (see RNN.init_rule_state)")
+        if backward is None:
+            backward = self._legacy_backward(feedback, mode)
         f = get_activation(self.activation)
         w_in, w_rec, b = params["w_in"], params["w_rec"], params["b"]
         w_out, b_out = params["w_out"], params["b_out"]
-        batch = xs.shape[1]
+        steps, batch = xs.shape[:2]
         h0 = jnp.zeros((batch, self.hidden_size), xs.dtype)
+        # One carrier per step (None for rules without one), scanned with the inputs.
+        carriers = backward.begin(xs.reshape(steps * batch, -1), self.output_size)
+        if carriers is not None:
+            carriers = carriers.reshape(steps, batch, self.output_size)
 
-        # Recurrent and readout maps send the error back through the rule's Backward (FA/KP:
-        # B_rec, B_out by name); the input projection's input error goes nowhere.
-        back = (LinearFeedback(feedback=feedback, learn=mode == "kp") if mode in ("fa", "kp")
-                else Backward())
-        rec = lambda h, wr: back.linear("w_rec", matmul, h, wr)
-        readout = lambda h, wo: back.linear("w_out", matmul, h, wo)
+        def step(h, inp):
+            x_t, c_t = inp
+            a = x_t @ w_in + backward.linear("w_rec", matmul, h, w_rec) + b
+            h, c_t = backward.hidden("h", f, a, c_t)
+            y = backward.linear("w_out", matmul, backward.into_last(h), w_out) + b_out
+            return h, backward.output(y, c_t)
 
-        if mode == "dfa":
-            if feedback.shape != (self.output_size, self.hidden_size):
-                raise ValueError(
-                    f"RNN DFA feedback must be (dout, H) = "
-                    f"{(self.output_size, self.hidden_size)}, got {tuple(feedback.shape)}"
-                )
-            carriers = P.dfa_carrier((xs.shape[0], batch, self.output_size), xs.dtype)
-
-            def step(h, inp):
-                x_t, c_t = inp
-                h = f(x_t @ w_in + h @ w_rec + b)
-                h, c_t = P.dfa_hidden(h, c_t, feedback)
-                y = P.dfa_output(h @ w_out + b_out, c_t)
-                return h, y
-
-            _, ys = lax.scan(step, h0, (xs, carriers))
-            return ys[-1] if self.readout == "last" else ys
-
-        def step(h, x_t):
-            h = f(x_t @ w_in + rec(h, w_rec) + b)
-            return h, readout(h, w_out) + b_out
-
-        _, ys = lax.scan(step, h0, xs)
+        _, ys = lax.scan(step, h0, (xs, carriers))
         return ys[-1] if self.readout == "last" else ys
+
+    def _legacy_backward(self, feedback: Any, mode: str) -> Backward:
+        """The `Backward` of a legacy RNN mode string (`RNN_MODES`)."""
+        if mode not in RNN_MODES:
+            raise ValueError(f"unknown RNN mode {mode!r}; valid: {', '.join(RNN_MODES)}")
+        if mode != "bp" and feedback is None:
+            raise ValueError(f"mode {mode!r} needs feedback (see RNN.init_rule_state)")
+        if mode in ("fa", "kp"):
+            return LinearFeedback(feedback=feedback, learn=mode == "kp")
+        if mode == "dfa":
+            b = feedback["h"] if isinstance(feedback, Mapping) else feedback
+            want = (self.output_size, self.hidden_size)
+            if tuple(b.shape) != want:
+                raise ValueError(f"RNN DFA feedback must be (dout, H) = {want}, got "
+                                 f"{tuple(b.shape)}")
+            return DirectFeedback(feedback={"h": b})
+        return Backward()
 
 
 def rnn(input_size: int, hidden_size: int, output_size: int, activation: str = "tanh", *,

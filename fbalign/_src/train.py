@@ -39,7 +39,7 @@ from fbalign._src.checkpoint import (
     tree_paths,
 )
 from fbalign._src.data import Dataset
-from fbalign._src.lift import as_learning_rule, is_tape_rule, resolve_form, through_primitives
+from fbalign._src.lift import as_learning_rule, is_tape_rule, resolve_form
 from fbalign._src.losses import Loss, get_loss
 from fbalign._src.runner import ensemble_step, reduce_chunk
 from fbalign._src.sharding import data_parallel
@@ -104,24 +104,16 @@ def compute_updates(
     y: Array,
     key: PRNGKey | None = None,
     form: str = "explicit",
-    grad_mode: str | None = None,
-    apply_kwargs: dict | None = None,
 ) -> tuple[Array, Array, Params, RuleState]:
     """One rule evaluation on a batch: returns ``(loss, output, updates, new_rule_state)``.
 
     A `TapeRule` runs lifted: ``form="explicit"`` (`fbalign.rules.explicit`: ``model.forward``
     and ``rule.update`` on the recorded tape) or ``form="grad"``
     (`fbalign.rules.through_primitives`: ``jax.grad`` of ``loss(model.apply(params, x,
-    feedback, grad_mode, **apply_kwargs))``, then ``rule.advance`` for rules whose state
+    backward=rule.backward(feedback, y)))``, then ``rule.advance`` for rules whose state
     moves). A `LearningRule` runs its own ``step``.
     """
-    if isinstance(rule, TapeRule) and form == "grad":
-        if grad_mode is None:
-            raise ValueError("form='grad' needs the rule's grad_mode (use a registered rule name "
-                             "or pass grad_mode=); this rule may have no primitive form")
-        lifted = through_primitives(rule, grad_mode, apply_kwargs)
-    else:
-        lifted = as_learning_rule(rule, form)
+    lifted = as_learning_rule(rule, form)
     updates, rule_state, out = lifted.step(params, rule_state, Batch(x, y), key,
                                            StepContext(model, loss))
     return out.loss, out.output, updates, rule_state
@@ -141,7 +133,6 @@ def make_train_step(
     loss: Loss | str = "cross_entropy",
     *,
     form: str = "explicit",
-    grad_mode: str | None = None,
     rule_kwargs: dict | None = None,
     jit: bool = True,
     axis_name: str | None = None,
@@ -161,7 +152,6 @@ def make_train_step(
       loss: a loss ``(output, target) -> scalar`` (mean over the batch) or its name.
       form: for tape rules, ``"explicit"`` (``rule.update`` on the tape) or ``"grad"``
         (``jax.grad`` through the primitives); see `fbalign.rules.as_learning_rule`.
-      grad_mode: the ``model.apply`` mode for ``form="grad"``; looked up when ``rule`` is a name.
       rule_kwargs: keyword arguments for the rule constructor when ``rule`` is a name.
       jit: compile the step (donating the old state's buffers).
       axis_name: for data-parallel use inside ``jax.shard_map``/``jax.pmap`` over this axis:
@@ -174,7 +164,7 @@ def make_train_step(
         on device (no host sync). ``"skip"`` also keeps the old params, optimizer and rule
         state when any flag is set (the step counter and RNG key still advance).
     """
-    rule = as_learning_rule(rule, form, grad_mode, rule_kwargs, model)
+    rule = as_learning_rule(rule, form, rule_kwargs, model)
     check_network(rule, model)
     loss = _resolve_loss(loss)
     context = StepContext(model, loss, axis_name)
@@ -342,7 +332,6 @@ def fit(
     seed: int = 0,
     seeds: int | None = None,
     form: str = "explicit",
-    grad_mode: str | None = None,
     rule_kwargs: dict | None = None,
     log_every: int = 50,
     probe_fn: Callable[[TrainState], dict[str, Any]] | None = None,
@@ -402,7 +391,7 @@ def fit(
         on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every,
         checkpoint_dir=checkpoint_dir, out_dir=out_dir, resume=resume, state=state)
     impl = resolve_ensemble_impl(ensemble_impl, model)
-    rule, form = _fit_rule(model, rule, form, grad_mode, rule_kwargs, seeds)
+    rule, form = _fit_rule(model, rule, form, rule_kwargs, seeds)
     program = _build_program(
         model, rule, optimizer, _resolve_loss(loss), n=n, batch_size=batch_size,
         log_every=log_every, probe_every=probe_every, checkpoint_every=checkpoint_every,
@@ -465,13 +454,13 @@ def _check_fit_args(data: Dataset, *, epochs, batch_size, log_every, seeds, on_n
     return ckpt_dir
 
 
-def _fit_rule(model: Any, rule: AnyRule, form: str, grad_mode: str | None,
-              rule_kwargs: dict | None, seeds: int | None) -> tuple[LearningRule, str]:
+def _fit_rule(model: Any, rule: AnyRule, form: str, rule_kwargs: dict | None,
+              seeds: int | None) -> tuple[LearningRule, str]:
     """The `LearningRule` that `fit` trains, checked against ``model``, and the form it runs in
     (a tape rule's ``form`` resolved for the model; the checkpoint fingerprint records it)."""
     if is_tape_rule(rule, rule_kwargs):
         form = resolve_form(form, model)  # the fingerprint records the form that runs
-    rule = as_learning_rule(rule, form, grad_mode, rule_kwargs, model)
+    rule = as_learning_rule(rule, form, rule_kwargs, model)
     check_network(rule, model)
     if seeds is not None and seeds > 1 and not is_seeded(model):
         warnings.warn(f"{type(model).__name__} wraps one model instance, so all {seeds} seeds "
