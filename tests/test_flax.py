@@ -18,6 +18,7 @@ from flax.errors import InvalidRngError
 import fbalign as fb
 import fbalign.flax as ff
 from fbalign import ops
+from fbalign._src.backward import Backward, LinearFeedback, SignFeedback
 from fbalign._src.rules.sign_symmetry import draw_magnitude
 
 
@@ -539,3 +540,44 @@ def test_convert_to_brsf_keeps_the_weights_and_trains():
     assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
     assert losses[-1] < 0.2 * losses[0], losses
     assert int(model.conv.rngs.count[...]) == count + 6
+
+
+def _hand_backward(rule, b, shape, scale):
+    """The `Backward` object of an adapter rule, built by hand from `fbalign._src.backward`."""
+    if rule == "bp":
+        return Backward()
+    if rule in ("fa", "kp"):
+        return LinearFeedback(feedback={"w": b}, learn=rule == "kp")
+    if rule == "frsf":
+        return SignFeedback(feedback={"w": jnp.abs(b)})
+    return SignFeedback(feedback={"w": _glorot(shape) if scale is None else scale})
+
+
+@pytest.mark.parametrize("rule, scale", [("bp", None), ("fa", None), ("kp", None),
+                                         ("sign", None), ("usf", 0.25), ("frsf", None)])
+def test_layers_run_their_rules_backward_object(rule, scale):
+    """Dense and conv layers update as the rule's `Backward` object does on the layer's op
+    (kernel, bias, input and feedback gradients); ``sign_scale=None`` is the Glorot std, not
+    the plain op."""
+    x, r, xc, rc = _rand(50, (3, 4), (3, 5), (2, 5, 5, 2), (2, 5, 5, 3))
+    kw = dict(rule=rule, sign_scale=scale)
+    for layer, op, xx, rr in ((ff.Linear(4, 5, **kw, rngs=_rngs(51)), jnp.matmul, x, r),
+                              (ff.Conv(2, 3, (3, 3), **kw, rngs=_rngs(52)),
+                               ops.conv_op(2, padding="SAME"), xc, rc)):
+        w, c = layer.kernel[...], layer.bias[...]
+        b = w if layer.feedback is None else layer.feedback[...]
+
+        def core(w, c, x, b, op=op, rr=rr):
+            y = _hand_backward(rule, b, w.shape, scale).linear("w", op, x, w)
+            return jnp.sum((y + c) * rr)
+
+        want = jax.grad(core, (0, 1, 2, 3))(w, c, xx, b)
+        assert_trees_close(_nnx_grads(layer, xx, rr), want[:3], 1e-6, 1e-7)
+        got_b = ff.feedback_grads(lambda m, x, rr=rr: jnp.sum(m(x) * rr), layer, xx)
+        if layer.feedback is None:
+            assert not jax.tree.leaves(got_b)
+        else:
+            assert_trees_close(got_b["feedback"][...], want[3], 1e-6, 1e-7)
+        if rule != "bp":  # not the plain op
+            bp = jax.grad(lambda x, w=w, op=op, rr=rr: jnp.sum(op(x, w) * rr))(xx)
+            assert not np.allclose(want[2], bp, atol=1e-5)

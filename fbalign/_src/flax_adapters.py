@@ -1,8 +1,12 @@
 """Flax NNX and Linen layers whose backward pass is a feedback rule (FA, sign symmetry, KP).
 
-Thin wrappers over `fbalign.ops`: the forward is the ordinary dense/conv op; the backward sends
-the error through a feedback kernel ``B`` of the weight's shape. Feedback never lives with the
-trainable parameters:
+The layers hold no rule logic of their own: at every call a layer builds its rule's `Backward`
+object (`fbalign._src.backward`; `_rule_backward` maps the ``rule`` name to it) and runs its
+linear map, the dense matmul or its convolution, through ``Backward.linear``. The forward is the
+ordinary op; the backward sends the error through a feedback kernel ``B`` of the weight's shape
+(`LinearFeedback` for FA/KP, `SignFeedback` for the sign-symmetry rules; backprop is plain
+`Backward`). The DFA taps run `DirectFeedback.tap`. Feedback never lives with the trainable
+parameters:
 
 * NNX: a `Feedback` variable type (not an ``nnx.Param``), so an optimizer built with
   ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` (weight decay included) never touches it;
@@ -31,15 +35,20 @@ from flax import nnx
 from flax.errors import InvalidRngError
 
 from fbalign._src import primitives as P
+from fbalign._src.backward import Backward, DirectFeedback, LinearFeedback, SignFeedback
 from fbalign._src.feedback_init import glorot_std
-from fbalign._src.layers import conv_op, feedback_conv, glorot_dfa_std, shared_dfa_feedback
+from fbalign._src.layers import conv_op, glorot_dfa_std, shared_dfa_feedback
+from fbalign._src.models import matmul
 from fbalign._src.rules.sign_symmetry import DISTRIBUTIONS, draw_magnitude, sign_feedback
 
 Array = jax.Array
 Initializer = Callable[..., Array]
 
-RULES = ("bp", "fa", "kp", "sign", "usf", "frsf", "brsf")
+RULES = ("bp", "fa", "kp", "sign", "usf", "frsf", "brsf")  # the names ``rule`` accepts
 _STORES_FEEDBACK = ("fa", "kp", "frsf")
+# The key of a layer's weight in its `Backward` object's feedback mapping, and of a DFA tap.
+_KERNEL = "kernel"
+_TAP = "dfa"
 # The RNG stream brSF draws its per-call magnitudes from (NNX ``Rngs`` stream, Linen rng name).
 FEEDBACK_STREAM = "feedback"
 
@@ -86,18 +95,36 @@ def _brsf_magnitudes(
     return draw_magnitude(key, tuple(shape), dtype, scale, distribution)
 
 
-def _backward_kernel(rule: str, kernel: Array, feedback: Array | None, sign_scale) -> Array:
-    """The tensor the error goes back through, for every rule but backprop.
+def _rule_backward(rule: str, shape: Sequence[int], feedback: Array | None,
+                   sign_scale: float | None) -> Backward:
+    """The `Backward` object of a layer under the adapter rule ``rule``, its weight keyed
+    ``_KERNEL``: the adapters' one rule switch.
 
-    For ``"brsf"``, ``feedback`` is the magnitudes drawn for this call.
+    ``feedback`` is the layer's stored ``B`` (fa, kp), its fixed magnitudes (frsf) or the
+    magnitudes drawn for this call (brsf); ``shape`` is the kernel's.
     """
-    if rule in ("fa", "kp"):
-        return feedback
-    if rule == "sign":
-        return sign_feedback(kernel, sign_scale)
+    if rule == "bp":
+        return Backward()
+    if rule in ("fa", "kp"):  # kp: B also gets the weight's cotangent
+        return LinearFeedback(feedback={_KERNEL: feedback}, learn=rule == "kp")
+    if rule in ("sign", "usf"):
+        # The Glorot std that `sign_feedback(w, None)` uses, given explicitly: a None entry would
+        # tell SignFeedback "no feedback here, the plain op".
+        return SignFeedback(
+            feedback={_KERNEL: glorot_std(tuple(shape)) if sign_scale is None else sign_scale})
     if rule in ("frsf", "brsf"):  # random magnitudes, the sign of the current weight
-        return jax.lax.stop_gradient(jnp.sign(kernel)) * jnp.abs(feedback)
+        return SignFeedback(feedback={_KERNEL: jnp.abs(feedback)})
     raise AssertionError(rule)
+
+
+def _error_kernel(backward: Backward, kernel: Array) -> Array | None:
+    """The tensor ``B`` that ``backward.linear(_KERNEL, op, x, kernel)`` sends the error back
+    through (None for backprop, whose ``B`` is the kernel itself)."""
+    if isinstance(backward, LinearFeedback):
+        return backward.feedback[_KERNEL]
+    if isinstance(backward, SignFeedback):
+        return sign_feedback(kernel, backward.feedback[_KERNEL])
+    return None
 
 
 def _key_from(rngs: Any, stream: str) -> Array:
@@ -112,12 +139,12 @@ def _key_from(rngs: Any, stream: str) -> Array:
     raise TypeError(f"rngs must be an nnx.Rngs, nnx.RngStream or a key, got {type(rngs)}")
 
 
-def _dense(rule: str, x: Array, kernel: Array, b: Array | None) -> Array:
-    if rule == "bp":
-        return jnp.matmul(x, kernel)
-    if rule == "kp":
-        return P.kp_matmul(x, kernel, b)
-    return P.fa_matmul(x, kernel, b)
+def _dense(backward: Backward, x: Array, kernel: Array, bias: Array | None) -> Array:
+    """``x @ kernel + bias``, the matmul run by ``backward``."""
+    y = backward.linear(_KERNEL, matmul, x, kernel)
+    if bias is not None:
+        y = y + bias
+    return y
 
 
 def _static(v):
@@ -135,10 +162,9 @@ def _tuple(v, n):
 
 
 def _conv(
-    rule: str,
+    backward: Backward,
     x: Array,
     kernel: Array,
-    b: Array | None,
     bias: Array | None,
     strides,
     padding,
@@ -147,7 +173,7 @@ def _conv(
     feature_group_count: int,
 ) -> Array:
     """Channels-last conv with flax's input conventions (extra or missing batch dims, circular /
-    reflect / causal padding done on the input), then `feedback_conv`."""
+    reflect / causal padding done on the input): the `conv_op` closure run by ``backward``."""
     nsp = kernel.ndim - 2
     nbatch = x.ndim - (nsp + 1)
     batch_shape = x.shape[:nbatch]
@@ -167,21 +193,17 @@ def _conv(
             pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
             x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[mode])
         padding = "VALID"
-    kwargs = dict(
+    op = conv_op(
+        nsp,
         strides=_tuple(strides, nsp),
         padding=padding,
         lhs_dilation=_tuple(input_dilation, nsp),
         rhs_dilation=kernel_dilation,
         feature_group_count=feature_group_count,
     )
-    if rule == "bp":
-        y = conv_op(nsp, **kwargs)(x, kernel)
-        if bias is not None:
-            y = y + bias
-    else:
-        y = feedback_conv(
-            x, kernel, b, bias, feedback_cotangent="weight" if rule == "kp" else "zero", **kwargs
-        )
+    y = backward.linear(_KERNEL, op, x, kernel)
+    if bias is not None:
+        y = y + bias
     if nbatch != 1:
         y = y.reshape((*batch_shape, *y.shape[1:]))
     return y
@@ -192,7 +214,8 @@ def _conv(
 
 
 class _FeedbackLayer(nnx.Module):
-    """What `Linear` and `Conv` share: kernel, bias and feedback variables, and ``B``."""
+    """What `Linear` and `Conv` share: kernel, bias and feedback variables, and the rule's
+    `Backward` object."""
 
     rule: str
     sign_scale: float | None
@@ -233,19 +256,21 @@ class _FeedbackLayer(nnx.Module):
         return _brsf_magnitudes(key, kernel.shape, self.sign_scale, kernel.dtype,
                                 self.magnitude_distribution)
 
+    def _backward(self, rngs: Any) -> Backward:
+        """The rule's `Backward` object for one call (brSF draws its magnitudes here)."""
+        if self.rule == "brsf":
+            fb = self._magnitudes(rngs)
+        else:
+            fb = None if self.feedback is None else self.feedback[...]
+        return _rule_backward(self.rule, self.kernel[...].shape, fb, self.sign_scale)
+
     def backward_kernel(self, rngs: Any = None) -> Array | None:
         """The tensor ``B`` the error is sent back through (None for backprop).
 
         For ``"brsf"`` every call draws new magnitudes (from ``rngs`` if given: an ``nnx.Rngs``,
         an ``nnx.RngStream`` or a key; else from the layer's own stream, advancing it).
         """
-        if self.rule == "bp":
-            return None
-        if self.rule == "brsf":
-            fb = self._magnitudes(rngs)
-        else:
-            fb = None if self.feedback is None else self.feedback[...]
-        return _backward_kernel(self.rule, self.kernel[...], fb, self.sign_scale)
+        return _error_kernel(self._backward(rngs), self.kernel[...])
 
 
 class Linear(_FeedbackLayer):
@@ -309,10 +334,8 @@ class Linear(_FeedbackLayer):
                            bias_init, feedback_init, param_dtype, rngs)
 
     def __call__(self, x: Array, *, rngs: Any = None) -> Array:
-        y = _dense(self.rule, x, self.kernel[...], self.backward_kernel(rngs))
-        if self.bias is not None:
-            y = y + self.bias[...]
-        return y
+        bias = None if self.bias is None else self.bias[...]
+        return _dense(self._backward(rngs), x, self.kernel[...], bias)
 
 
 class Conv(_FeedbackLayer):
@@ -375,10 +398,9 @@ class Conv(_FeedbackLayer):
 
     def __call__(self, x: Array, *, rngs: Any = None) -> Array:
         return _conv(
-            self.rule,
+            self._backward(rngs),
             x,
             self.kernel[...],
-            self.backward_kernel(rngs),
             None if self.bias is None else self.bias[...],
             self.strides,
             self.padding,
@@ -441,7 +463,7 @@ class DFATap(nnx.Module):
         return b
 
     def __call__(self, h: Array, carrier: Array) -> tuple[Array, Array]:
-        return P.dfa_hidden(h, carrier, self.backward_matrix())
+        return DirectFeedback(feedback={_TAP: self.backward_matrix()}).tap(_TAP, h, carrier)
 
 
 def shared_feedback(
@@ -602,14 +624,13 @@ def _linen_feedback(module: nn.Module, rule: str, shape, init, dtype) -> Array |
 
 
 def _linen_backward(module: nn.Module, rule: str, kernel: Array, fb: Array | None,
-                    sign_scale: float | None, distribution: str, stream: str) -> Array | None:
-    """``B`` for a Linen layer; brSF draws this call's magnitudes from ``make_rng(stream)``.
+                    sign_scale: float | None, distribution: str, stream: str) -> Backward:
+    """The rule's `Backward` object for a Linen layer; brSF draws this call's magnitudes from
+    ``make_rng(stream)``.
 
     Call it after every parameter is made: at ``init`` without ``stream`` Linen's ``make_rng``
     falls back to ``"params"``, which must not shift the parameters' keys.
     """
-    if rule == "bp":
-        return None
     if rule == "brsf":
         if not (module.has_rng(stream) or module.has_rng("params")):
             where = type(module).__name__ + ("" if module.name is None else f" {module.name}")
@@ -622,12 +643,13 @@ def _linen_backward(module: nn.Module, rule: str, kernel: Array, fb: Array | Non
         # A no-op unless "intermediates" is mutable: apply(..., mutable=["intermediates"]) shows
         # the magnitudes this call drew.
         module.sow("intermediates", "feedback_magnitudes", fb)
-    return _backward_kernel(rule, kernel, fb, sign_scale)
+    return _rule_backward(rule, kernel.shape, fb, sign_scale)
 
 
 def _linen_variables(module: nn.Module, rule: str, shape: tuple[int, ...]):
-    """``(kernel, B, bias)`` of a Linen layer: the ``"params"`` kernel and bias, and the tensor
-    the error goes back through (from the ``"feedback"`` collection, or drawn for brSF)."""
+    """``(kernel, backward, bias)`` of a Linen layer: the ``"params"`` kernel and bias, and the
+    rule's `Backward` object (its feedback from the ``"feedback"`` collection, or drawn for
+    brSF)."""
     kernel = module.param("kernel", module.kernel_init, shape, module.param_dtype)
     fb = _linen_feedback(module, rule, shape, module.feedback_init, module.param_dtype)
     bias = (
@@ -635,9 +657,9 @@ def _linen_variables(module: nn.Module, rule: str, shape: tuple[int, ...]):
         if module.use_bias
         else None
     )
-    b = _linen_backward(module, rule, kernel, fb, module.sign_scale,
-                        module.magnitude_distribution, module.rng_collection)
-    return kernel, b, bias
+    backward = _linen_backward(module, rule, kernel, fb, module.sign_scale,
+                               module.magnitude_distribution, module.rng_collection)
+    return kernel, backward, bias
 
 
 class LinenDense(nn.Module):
@@ -668,11 +690,8 @@ class LinenDense(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         rule = _check_rule(self.rule)
-        kernel, b, bias = _linen_variables(self, rule, (x.shape[-1], self.features))
-        y = _dense(rule, x, kernel, b)
-        if bias is not None:
-            y = y + bias
-        return y
+        kernel, backward, bias = _linen_variables(self, rule, (x.shape[-1], self.features))
+        return _dense(backward, x, kernel, bias)
 
 
 class LinenConv(nn.Module):
@@ -702,8 +721,8 @@ class LinenConv(nn.Module):
         rule = _check_rule(self.rule)
         ks = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
         shape = (*ks, x.shape[-1] // self.feature_group_count, self.features)
-        kernel, b, bias = _linen_variables(self, rule, shape)
-        return _conv(rule, x, kernel, b, bias, self.strides, self.padding, self.input_dilation,
+        kernel, backward, bias = _linen_variables(self, rule, shape)
+        return _conv(backward, x, kernel, bias, self.strides, self.padding, self.input_dilation,
                      self.kernel_dilation, self.feature_group_count)
 
 
@@ -725,7 +744,7 @@ class LinenDFATap(nn.Module):
         b = self.variable(
             "feedback", "dfa", lambda: init(self.make_rng("params"), shape, self.param_dtype)
         ).value
-        return P.dfa_hidden(h, carrier, b)
+        return DirectFeedback(feedback={_TAP: b}).tap(_TAP, h, carrier)
 
 
 dfa_carrier = P.dfa_carrier
