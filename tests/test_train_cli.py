@@ -111,10 +111,15 @@ def test_cli_rejects_bad_names_listing_valid_ones(flag, value, msg, capsys):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--rule", "bfa", "--model", "lenet5"], "rule 'bfa' updates its feedback from the "
-     "activations its explicit form records, which --model lenet5 cannot provide"),
+    (["--rule", "bfa", "--model", "lenet5", "--form", "grad"], "rule 'bfa' updates its "
+     "feedback from the activations its explicit form records, which --model lenet5 cannot "
+     "provide"),
     (["--rule", "bfa", "--form", "grad"], "which --form grad cannot provide"),
-    (["--rule", "dni", "--model", "lenet5"], "rule 'dni' has no jax.grad form"),
+    (["--rule", "dni", "--model", "lenet5", "--form", "grad"], "rule 'dni' has no jax.grad form"),
+    # explicit forms stated for dense layers only, refused on LeNet-5 before any data is read
+    (["--rule", "bfa", "--model", "lenet5"], "explicit form is stated for dense layers"),
+    (["--rule", "dni", "--model", "lenet5"], "dni's explicit form is stated for dense layers"),
+    (["--rule", "cdni", "--model", "lenet5"], "convolutional synthesizers"),
 ])
 def test_cli_refuses_rules_without_a_usable_grad_form(argv, msg, capsys, tmp_path):
     code = main(["train", "--dataset", "digits", "--no-progress", "--out",

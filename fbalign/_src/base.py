@@ -32,26 +32,109 @@ Updates = Any  # a pytree shaped like Params
 RuleState = Any  # a pytree (usually a NamedTuple) of arrays
 
 
+@jax.tree_util.register_static
+class Links:
+    """How the layers of a recorded forward pass connect when they are not a dense chain.
+
+    Static (no arrays; part of the tree structure, so a `Tape` holding one passes through
+    ``jit``). ``ops[l](x, w)`` is layer ``l``'s linear map without bias (a convolution, ``x @
+    w``...) and ``between[l]`` maps the previous layer's activity ``h_{l-1}`` to this layer's
+    input ``x_l`` (pooling, flattening; None for the identity; ``between[0]`` is None).
+    """
+
+    __slots__ = ("ops", "between")
+
+    def __init__(self, ops: Sequence[Callable[[Array, Array], Array]],
+                 between: Sequence[Callable[[Array], Array] | None]):
+        if len(ops) != len(between):
+            raise ValueError(f"Links needs one op and one between per layer, got {len(ops)} ops "
+                             f"and {len(between)} betweens")
+        self.ops, self.between = tuple(ops), tuple(between)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Links) and (self.ops, self.between) == (other.ops,
+                                                                        other.between)
+
+    def __hash__(self) -> int:
+        return hash((self.ops, self.between))
+
+
 class Tape(NamedTuple):
     """What a layered forward pass records for the explicit form of a rule.
 
-    For a chain of ``L`` layers ``a_l = x_l @ W_l + b_l``, ``h_l = f_l(a_l)``, ``x_{l+1} = h_l``:
+    For a chain of ``L`` layers ``a_l = op_l(x_l, W_l) + b_l``, ``h_l = f_l(a_l)``, ``x_{l+1} =
+    g_{l+1}(h_l)`` (``op`` is ``x @ W`` and ``g`` the identity for a dense chain; a conv net
+    has convolutions, and pooling or flattening as ``g``):
 
     Attributes:
-      inputs: ``(x_0, ..., x_{L-1})``, the input to each layer, each ``(batch, din_l)``.
-      preacts: ``(a_0, ..., a_{L-1})``, each ``(batch, dout_l)``.
+      inputs: ``(x_0, ..., x_{L-1})``, the input to each layer, each ``(batch, *in_shape_l)``.
+      preacts: ``(a_0, ..., a_{L-1})``, each ``(batch, *out_shape_l)``.
       derivs: ``(f_0'(a_0), ..., f_{L-1}'(a_{L-1}))``, the elementwise activation derivatives.
       output: ``h_{L-1}``, the network output ``y`` (what the loss sees).
+      links: None for a dense chain; else the layers' ops and ``g``s (`Links`).
+      hidden: None for a dense chain (``h_l = x_{l+1}``); else ``(h_0, ..., h_{L-2})``, the
+        hidden activities before ``g`` (what `send_back` differentiates ``g`` at).
+
+    Rules written with `chain_updates`, `send_back`, `weight_grads` and `activity` run on any
+    such chain; on a dense one they are the plain matrix products.
     """
 
     inputs: tuple[Array, ...]
     preacts: tuple[Array, ...]
     derivs: tuple[Array, ...]
     output: Array
+    links: Links | None = None
+    hidden: tuple[Array, ...] | None = None
 
     @property
     def num_layers(self) -> int:
         return len(self.inputs)
+
+    @property
+    def is_dense(self) -> bool:
+        """Whether the tape is of a dense chain (``x_l @ W_l``, no ops between layers)."""
+        return self.links is None
+
+    def activity(self, i: int) -> Array:
+        """``h_i = f_i(a_i)``, hidden layer ``i``'s activity (before pooling or flattening)."""
+        return self.inputs[i + 1] if self.hidden is None else self.hidden[i]
+
+    def send_back(self, i: int, delta: Array, m: Array) -> Array:
+        """The error layer ``i`` sends to ``h_{i-1}`` through ``m`` in place of ``W_i``:
+        ``delta @ m.T`` on a dense chain, else the transpose of ``op_i(., m)`` at ``delta``
+        followed by the VJP of the ``g_i`` between the layers (pooling, flattening)."""
+        if self.links is None:
+            return delta @ m.T
+        op, between = self.links.ops[i], self.links.between[i]
+        g = jax.vjp(lambda x: op(x, m), self.inputs[i])[1](delta)[0]
+        if between is not None:
+            g = jax.vjp(between, self.activity(i - 1))[1](g)[0]
+        return g
+
+    def weight_grads(self, i: int, delta: Array, w: Array, has_bias: bool) -> dict[str, Array]:
+        """Layer ``i``'s local update for ``delta = dL/da_i``: ``{"w": x_i^T delta, "b": sum
+        delta}`` on a dense chain, else the VJP of ``op_i(x_i, .)`` and ``delta`` summed over
+        every axis but the channels."""
+        if self.links is None:
+            return dense_grads(self.inputs[i], delta, has_bias)
+        op, x = self.links.ops[i], self.inputs[i]
+        out = {"w": jax.vjp(lambda v: op(x, v), w)[1](delta)[0]}
+        if has_bias:
+            out["b"] = jnp.sum(delta, axis=tuple(range(delta.ndim - 1)))
+        return out
+
+    def layer_ops(self) -> tuple[LayerOp, ...] | None:
+        """The layers as `LayerOp` s (op and per-example input shape); None for a dense chain."""
+        if self.links is None:
+            return None
+        return tuple(LayerOp(op, tuple(x.shape[1:]))
+                     for op, x in zip(self.links.ops, self.inputs, strict=True))
+
+    def require_dense(self, rule: str, why: str) -> None:
+        """Raises naming ``rule`` when the tape is not of a dense chain (``why``: what of the
+        rule is stated for dense layers only, and what to use instead)."""
+        if self.links is not None:
+            raise NotImplementedError(f"{rule}'s explicit form is stated for dense layers: {why}")
 
 
 class InitFn(Protocol):
@@ -374,12 +457,14 @@ def chain_updates(
     error: Array,
     send_back: Callable[[int, Array], Array],
 ) -> list[dict[str, Array]]:
-    """Walks a dense chain from the top, the skeleton every layer-local rule shares.
+    """Walks a chain of layers from the top, the skeleton every layer-local rule shares.
 
     ``delta_{L-1} = error * f'(a_{L-1})``; layer ``l`` gets ``x_l^T delta_l`` (and
-    ``sum delta_l`` for its bias); the layer below gets ``delta_{l-1} = send_back(l, delta_l) *
-    f'(a_{l-1})``. ``send_back`` is what distinguishes backprop (``delta @ W_l.T``), feedback
-    alignment (``delta @ B_l.T``) and direct feedback alignment (``e @ B_{l-1}``).
+    ``sum delta_l`` for its bias; `Tape.weight_grads`, a convolution's weight VJP on conv
+    nets); the layer below gets ``delta_{l-1} = send_back(l, delta_l) * f'(a_{l-1})``.
+    ``send_back`` is what distinguishes backprop (``tape.send_back(l, delta, W_l)``: ``delta @
+    W_l.T`` on a dense chain), feedback alignment (``B_l`` in place of ``W_l``) and direct
+    feedback alignment (``e @ B_{l-1}``, shaped like ``a_{l-1}``).
     """
     layers = dense_layers(params)
     if len(layers) != tape.num_layers:
@@ -395,7 +480,7 @@ def chain_updates(
     delta = error * tape.derivs[-1]
     updates: list[dict[str, Array]] = [None] * len(layers)  # type: ignore[list-item]
     for i in reversed(range(len(layers))):
-        updates[i] = dense_grads(tape.inputs[i], delta, layers[i][1] is not None)
+        updates[i] = tape.weight_grads(i, delta, layers[i][0], layers[i][1] is not None)
         if i > 0:
             delta = send_back(i, delta) * tape.derivs[i - 1]
     return updates

@@ -298,13 +298,15 @@ def _init_multihost(args) -> None:
         raise UsageError(str(err)) from None
 
 
-def _check_grad_form(rule: str, form: str, model: str) -> None:
+def _check_grad_form(rule: str, form: str, model: str, rule_kwargs: dict) -> None:
     """A usage error, before the data is loaded, for a rule with no usable jax.grad form."""
     from fbalign._src.base import TapeRule
     from fbalign._src.registry import RULES, get_rule, has_grad_form
 
-    built = get_rule(rule)
-    if form != "grad" or not isinstance(built, TapeRule) or has_grad_form(rule):
+    if form != "grad":
+        return
+    built = get_rule(rule, **rule_kwargs)
+    if not isinstance(built, TapeRule) or has_grad_form(rule, rule_kwargs):
         return  # rules with a step of their own run on any model
     where = f"--model {model}" if model != "mlp" else "--form grad"
     if built.backward is None:
@@ -314,6 +316,33 @@ def _check_grad_form(rule: str, form: str, model: str) -> None:
         raise UsageError(f"rule {rule!r} updates its feedback from the activations its explicit "
                          f"form records, which {where} cannot provide; train it on --model mlp "
                          "with --form explicit")
+
+
+def _check_explicit_on_lenet(rule: str, rule_kwargs: dict) -> None:
+    """A usage error, before the data is loaded, for a tape rule whose explicit form is stated
+    for dense layers only (traced once on LeNet-5's shapes, nothing computed)."""
+    import jax
+    import jax.numpy as jnp
+
+    from fbalign._src.base import TapeRule
+    from fbalign._src.convnet import lenet5
+    from fbalign._src.registry import get_rule
+
+    built = get_rule(rule, **rule_kwargs)
+    if not isinstance(built, TapeRule):
+        return
+    model = lenet5()
+
+    def one_update(key):
+        params = model.init(key)
+        state = model.init_rule_state(rule, key, params, **rule_kwargs)
+        out, tape = model.forward(params, jnp.zeros((2, 784)))
+        return built.update(params, state, tape, out, key=key, labels=jnp.zeros((2,), int))
+
+    try:
+        jax.eval_shape(one_update, jax.random.PRNGKey(0))
+    except NotImplementedError as err:
+        raise UsageError(str(err)) from None
 
 
 def _check_devices(args) -> int | None:
@@ -463,8 +492,11 @@ def _load_train_data(args):
         kwargs["normalize"] = args.normalize
     if args.dataset == "mnist" and args.data_dir:
         kwargs["path"] = args.data_dir
-    # LeNet-5 (no recorded Tape) always trains through the rule's jax.grad form.
-    _check_grad_form(args.rule, args.form if args.model == "mlp" else "grad", args.model)
+    # The RNN records no Tape: it always trains through the rule's jax.grad form.
+    _check_grad_form(args.rule, "grad" if args.model == "rnn" else args.form, args.model,
+                     _rule_kwargs(args))
+    if args.model == "lenet5" and args.form == "explicit":
+        _check_explicit_on_lenet(args.rule, _rule_kwargs(args))
     if args.model == "rnn":
         from fbalign._src.recurrent import RNN_RULES
 

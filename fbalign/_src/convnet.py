@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from fbalign._src.backward import Backward
-from fbalign._src.base import Array, EmptyState, LayerOp, Params, PRNGKey, TapeRule
+from fbalign._src.base import Array, EmptyState, LayerOp, Params, PRNGKey, Tape, TapeRule
 from fbalign._src.feedback_init import Initializer, kernel_fans, resolve_initializer
 from fbalign._src.layers import (
     conv_op,
@@ -32,7 +32,7 @@ from fbalign._src.layers import (
     resolve_conv_impl,
     shared_dfa_feedback,
 )
-from fbalign._src.models import get_activation, matmul, run_layers
+from fbalign._src.models import get_activation, matmul, record_layers, run_layers
 from fbalign._src.modes import MODES, backward_for_mode
 from fbalign._src.registry import get_rule
 from fbalign._src.rules.drtp import DirectRandomTargetProjectionState
@@ -363,14 +363,28 @@ class LeNet5:
                 error_bits=error_bits)
         f = get_activation(self.activation)
         ops = [op.op for op in self.layer_ops()]
-        return run_layers(backward, [f] * (self.num_layers - 1) + [lambda a: a], ops, params, x,
+        return run_layers(backward, [f] * (self.num_layers - 1) + [_identity], ops, params, x,
                           self.num_classes, between=self._between)
+
+    def forward(self, params: Params, x: Array) -> tuple[Array, Tape]:
+        """Forward pass returning the logits and the `Tape` (with its `Links`: the two
+        convolutions, pooling and flattening) for the explicit form of a rule
+        (``rule.update``)."""
+        x = self._prepare(x)
+        f = get_activation(self.activation)
+        ops = [op.op for op in self.layer_ops()]
+        return record_layers([f] * (self.num_layers - 1) + [_identity], ops, params, x,
+                             between=self._between, gaps=(1, 2))
 
     def _between(self, i: int, h: Array) -> Array:
         # after each conv layer's activation: 2x2 pooling; before the first dense layer: flatten
         if i in (1, 2):
             h = self._pool(h)
         return h.reshape(h.shape[0], -1) if i == 2 else h
+
+
+def _identity(a: Array) -> Array:
+    return a
 
 
 def _dfa_like(state: Any, n_out: int) -> bool:

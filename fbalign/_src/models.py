@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from fbalign._src.activations import ACTIVATIONS, get_activation  # noqa: F401 (re-exported)
 from fbalign._src.backward import Backward
-from fbalign._src.base import Array, LayerOp, Params, PRNGKey, Tape
+from fbalign._src.base import Array, LayerOp, Links, Params, PRNGKey, Tape
 from fbalign._src.modes import MODES, backward_for_mode
 
 
@@ -178,6 +178,47 @@ def run_layers(backward: Backward, acts: Sequence[Callable[[Array], Array]],
             return f(backward.output(a, carrier))
         h, carrier = backward.hidden(i, f, a, carrier)
     raise ValueError("a network needs at least one layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Gap:
+    """``between(i, h)`` at a fixed layer ``i``, compared by value (a `Links` entry)."""
+
+    between: Callable[[int, Array], Array]
+    i: int
+
+    def __call__(self, h: Array) -> Array:
+        return self.between(self.i, h)
+
+
+def record_layers(acts: Sequence[Callable[[Array], Array]],
+                  ops: Sequence[Callable[[Array, Array], Array]], params: Params, x: Array,
+                  between: Callable[[int, Array], Array] | None = None,
+                  gaps: Sequence[int] = ()) -> tuple[Array, Tape]:
+    """The forward of the chain `run_layers` runs, recording its `Tape` for the explicit form
+    of a rule: inputs, pre-activations, derivatives, and, for a chain that is not dense
+    (``between`` reshaping or pooling before the layers in ``gaps``, or ops other than
+    `matmul`), the hidden activities and the `Links` its rules send errors back through."""
+    dense = between is None and all(op is matmul for op in ops)
+    inputs, preacts, derivs, hidden = [], [], [], []
+    h = x
+    for i, (layer, f, op) in enumerate(zip(params, acts, ops, strict=True)):
+        if i > 0:
+            hidden.append(h)
+        if between is not None and i in gaps:
+            h = between(i, h)
+        inputs.append(h)
+        a = op(h, layer["w"])
+        if "b" in layer:
+            a = a + layer["b"]
+        preacts.append(a)
+        derivs.append(_deriv(f, a))
+        h = f(a)
+    if dense:
+        return h, Tape(tuple(inputs), tuple(preacts), tuple(derivs), h)
+    links = Links(tuple(ops), tuple(_Gap(between, i) if i in gaps else None
+                                    for i in range(len(ops))))
+    return h, Tape(tuple(inputs), tuple(preacts), tuple(derivs), h, links, tuple(hidden))
 
 
 def mlp(

@@ -24,11 +24,11 @@ from fbalign._src.base import (
 )
 from fbalign._src.channel import as_targets
 from fbalign._src.feedback_init import Initializer
-from fbalign._src.primitives import project_error
 from fbalign._src.rules.feedback_alignment import (
     DFA_ORIENTATION,
     dfa_feedback_shapes,
     draw_feedback,
+    project,
 )
 
 BFA_ORIENTATION = (
@@ -130,9 +130,12 @@ def bidirectional_feedback_alignment(
                 "bidirectional_feedback_alignment generates the input from the target: pass "
                 "labels=... to update"
             )
+        tape.require_dense("bidirectional_feedback_alignment", "its feedback learns to generate "
+                           "the input from the target through every B_l^T, which Luo et al. "
+                           "2017 state for dense layers; on conv nets train fa, kp or bdfa")
         layers = dense_layers(params)
         fb = state.feedback
-        updates = chain_updates(params, tape, error, lambda i, d: d @ fb[i].T)
+        updates = chain_updates(params, tape, error, lambda i, d: tape.send_back(i, d, fb[i]))
 
         x = tape.inputs[0]
         n = x.shape[0]
@@ -235,7 +238,8 @@ def bidirectional_direct_feedback_alignment(
     ):
         del extra
         check_feedback_shapes(
-            state.feedback, dfa_feedback_shapes(params), name, DFA_ORIENTATION,
+            state.feedback, dfa_feedback_shapes(params, tape, state.feedback), name,
+            DFA_ORIENTATION,
             dtype=dense_layers(params)[0][0].dtype,
         )
         if labels is None:
@@ -245,7 +249,7 @@ def bidirectional_direct_feedback_alignment(
         fb = state.feedback
         out_delta = error * tape.derivs[-1]
         updates = chain_updates(
-            params, tape, error, lambda i, d: project_error(out_delta, fb[i - 1]))
+            params, tape, error, lambda i, d: project(tape, i - 1, out_delta, fb[i - 1]))
 
         t = as_targets(labels, error.shape[-1], error.dtype)
         n = t.shape[0]
@@ -254,9 +258,11 @@ def bidirectional_direct_feedback_alignment(
             if b is None:
                 new_fb.append(None)
                 continue
-            h = tape.inputs[i + 1]  # h_i = f(a_i), the forward activity of hidden layer i
-            s = jax.nn.sigmoid((t @ b) * h)
-            new_fb.append(b + (learning_rate / n) * (t.T @ (s * (1 - s) * h)))
+            # h_i = f(a_i), the forward activity of hidden layer i (a feature map flattened)
+            h = tape.activity(i).reshape(n, -1)
+            bf = b.reshape(b.shape[0], -1)
+            s = jax.nn.sigmoid((t @ bf) * h)
+            new_fb.append((bf + (learning_rate / n) * (t.T @ (s * (1 - s) * h))).reshape(b.shape))
         return updates, BidirectionalDirectFeedbackAlignmentState(tuple(new_fb))
 
     # jax.grad form: mode "bdfa", whose taps (`dfa_hidden` with `bdfa_feedback_grad`) give each

@@ -18,10 +18,10 @@ from fbalign._src.base import (
 )
 from fbalign._src.channel import as_targets
 from fbalign._src.feedback_init import Initializer
-from fbalign._src.primitives import project_error
 from fbalign._src.rules.feedback_alignment import (
     DFA_ORIENTATION,
     dfa_feedback_shapes,
+    project,
     draw_feedback,
 )
 
@@ -79,7 +79,7 @@ def direct_random_target_projection(
         del extra
         check_feedback_shapes(
             state.feedback,
-            dfa_feedback_shapes(params),
+            dfa_feedback_shapes(params, tape, state.feedback),
             "direct_random_target_projection",
             DFA_ORIENTATION,
             dtype=dense_layers(params)[0][0].dtype,
@@ -90,7 +90,7 @@ def direct_random_target_projection(
             )
         fb = state.feedback
         t = as_targets(labels, error.shape[-1], error.dtype) / error.shape[0]
-        updates = chain_updates(params, tape, error, lambda i, d: project_error(t, fb[i - 1]))
+        updates = chain_updates(params, tape, error, lambda i, d: project(tape, i - 1, t, fb[i - 1]))
         return updates, state
 
     def backward(feedback: Any, labels: Any) -> TargetProjection:

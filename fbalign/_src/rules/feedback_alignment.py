@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -41,11 +42,31 @@ def fa_feedback_shapes(params: Params) -> list[tuple[int, int] | None]:
     return [None if i == 0 else tuple(w.shape) for i, (w, _) in enumerate(dense_layers(params))]
 
 
-def dfa_feedback_shapes(params: Params) -> list[tuple[int, int] | None]:
-    """Feedback shapes DFA needs: ``(n_out, n_l)`` for hidden layers, None for the output."""
+def dfa_feedback_shapes(params: Params, tape: Tape | None = None,
+                        feedback: Any = None) -> list[tuple[int, ...] | None]:
+    """Feedback shapes DFA needs: ``(n_out, n_l)`` for hidden layers, None for the output.
+
+    Given the `Tape` of a network that is not a dense chain (a conv net), layer ``l``'s shape
+    is ``(n_out, *out_shape_l)`` (its feature map), or ``(n_out, prod(out_shape_l))`` where the
+    ``feedback`` entry is flat; `project` reshapes the projection to the map either way.
+    """
+    if tape is not None and not tape.is_dense:
+        n_out = tape.output.shape[-1]
+        out = []
+        for i, a in enumerate(tape.preacts[:-1]):
+            b = None if feedback is None or i >= len(feedback) else feedback[i]
+            flat = b is not None and getattr(b, "ndim", 0) == 2
+            out.append((n_out, math.prod(a.shape[1:])) if flat else (n_out, *a.shape[1:]))
+        return out + [None]
     layers = dense_layers(params)
     n_out = layers[-1][0].shape[1]
     return [(n_out, w.shape[1]) for w, _ in layers[:-1]] + [None]
+
+
+def project(tape: Tape, i: int, e: Array, b: Array) -> Array:
+    """``e @ B_i`` (`project_error`) shaped like hidden layer ``i``'s pre-activation: the
+    direct feedback of DFA-style rules, on dense layers or feature maps."""
+    return project_error(e, b).reshape(tape.preacts[i].shape)
 
 
 def draw_feedback(key: PRNGKey, shapes, init, scale, dtype, fan_axis: int):
@@ -107,7 +128,7 @@ def feedback_alignment(
             dtype=dense_layers(params)[0][0].dtype,
         )
         fb = state.feedback
-        updates = chain_updates(params, tape, error, lambda i, d: d @ fb[i].T)
+        updates = chain_updates(params, tape, error, lambda i, d: tape.send_back(i, d, fb[i]))
         return updates, state
 
     return TapeRule(init_fn, update_fn,
@@ -154,7 +175,7 @@ def direct_feedback_alignment(
         del extra
         check_feedback_shapes(
             state.feedback,
-            dfa_feedback_shapes(params),
+            dfa_feedback_shapes(params, tape, state.feedback),
             "direct_feedback_alignment",
             DFA_ORIENTATION,
             dtype=dense_layers(params)[0][0].dtype,
@@ -162,7 +183,7 @@ def direct_feedback_alignment(
         fb = state.feedback
         out_delta = error * tape.derivs[-1]
         updates = chain_updates(
-            params, tape, error, lambda i, d: project_error(out_delta, fb[i - 1]))
+            params, tape, error, lambda i, d: project(tape, i - 1, out_delta, fb[i - 1]))
         return updates, state
 
     return TapeRule(init_fn, update_fn,

@@ -94,7 +94,7 @@ def kolen_pollack(
             dtype=dense_layers(params)[0][0].dtype,
         )
         fb = state.feedback
-        grads = chain_updates(params, tape, error, lambda i, d: d @ fb[i].T)
+        grads = chain_updates(params, tape, error, lambda i, d: tape.send_back(i, d, fb[i]))
         return step(params, fb, grads, [g["w"] for g in grads])
 
     def step(params: Params, fb: tuple, grads: Any, feedback_grads: Any):
@@ -257,9 +257,10 @@ def weight_mirror(
         if key is None:
             raise ValueError("weight_mirror draws mirror-phase noise: pass key=... to update")
         fb = state.feedback
-        updates = chain_updates(params, tape, error, lambda i, d: d @ fb[i].T)
-        dense = [LayerOp(_matmul, (w.shape[0],)) for w, _ in dense_layers(params)]
-        return updates, WeightMirrorState(mirror(key, params, fb, dense))
+        updates = chain_updates(params, tape, error, lambda i, d: tape.send_back(i, d, fb[i]))
+        layers = tape.layer_ops() or [LayerOp(_matmul, (w.shape[0],))
+                                      for w, _ in dense_layers(params)]
+        return updates, WeightMirrorState(mirror(key, params, fb, layers))
 
     def advance_fn(
         params: Params,

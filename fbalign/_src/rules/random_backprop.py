@@ -23,13 +23,13 @@ from fbalign._src.base import (
 )
 from fbalign._src.channel import quantize
 from fbalign._src.feedback_init import Initializer, resolve_initializer
-from fbalign._src.primitives import project_error
 from fbalign._src.rules.feedback_alignment import (
     DFA_ORIENTATION,
     FA_ORIENTATION,
     dfa_feedback_shapes,
     draw_feedback,
     fa_feedback_shapes,
+    project,
 )
 
 
@@ -84,6 +84,10 @@ def _sparse_draw(key, shapes, init, scale, dtype, fan_axis: int, density: float,
         values = resolve_initializer(init, scale, fan=nnz)(k_val, shape, dtype)
         out.append(jnp.where(keep, values, jnp.zeros((), dtype)))
     return tuple(out)
+
+
+def _flat(h: Array) -> Array:
+    return h.reshape(h.shape[0], -1)
 
 
 def random_backprop(
@@ -187,7 +191,8 @@ def random_backprop(
     ):
         del extra
         check_feedback_shapes(
-            state.feedback, shapes_of(params), name, orientation,
+            state.feedback, shapes_of(params, tape, state.feedback) if skip
+            else shapes_of(params), name, orientation,
             dtype=dense_layers(params)[0][0].dtype,
         )
         fb = state.feedback
@@ -197,13 +202,15 @@ def random_backprop(
         out_delta = error * tape.derivs[-1]
 
         def send_back(i: int, delta: Array) -> Array:
-            s = project_error(out_delta, fb[i - 1]) if skip else delta @ fb[i].T
+            s = project(tape, i - 1, out_delta, fb[i - 1]) if skip else tape.send_back(i, delta,
+                                                                                      fb[i])
             return s if error_bits is None else quantize(s, error_bits)
 
         updates = chain_updates(params, tape, error, send_back)
         if adaptive and skip:  # ASRBP: output error (source) x hidden activity h_l (target)
             new = tuple(
-                None if b is None else b - learning_rate * (out_delta.T @ tape.inputs[i + 1])
+                None if b is None
+                else b - learning_rate * (out_delta.T @ _flat(tape.activity(i))).reshape(b.shape)
                 for i, b in enumerate(fb)
             )
             state = RandomBackpropState(new)

@@ -54,6 +54,12 @@ class Synthesizer(NamedTuple):
     apply: Callable[[Params, Array, Array | None], Array]
 
 
+_DENSE_SYNTHESIZERS = (
+    "its synthesizers are dense maps of each hidden layer's activity (Jaderberg et al. 2017 used "
+    "convolutional synthesizers for conv nets, which fbalign does not implement); train a conv "
+    "net with fa, dfa, kp or the sign-symmetry rules")
+
+
 def linear_synthesizer(init_scale: float = 0.0) -> Synthesizer:
     r"""A linear synthesizer ``g = h A + c C + b``, zero-initialised as in the paper.
 
@@ -314,6 +320,7 @@ def synthetic_gradients(
     def update_fn(
         params: Params, state: SyntheticGradientState, tape: Tape, error: Array, **extra: Any
     ):
+        tape.require_dense(name, _DENSE_SYNTHESIZERS)
         dense = dense_layers(params)
         num = len(dense)
         if num != tape.num_layers:
