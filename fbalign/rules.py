@@ -7,6 +7,7 @@ from fbalign._src.base import (
     FeedbackDtypeError,
     FeedbackShapeError,
     LayerOp,
+    Links,
     LearningRule,
     StepContext,
     StepOutput,
@@ -29,6 +30,7 @@ from fbalign._src.feedback_init import (
 )
 from fbalign._src.lift import as_learning_rule, explicit, through_primitives
 from fbalign._src.registry import RULES, RuleSpec, get_rule, has_grad_form
+from fbalign._src.relax import RelaxationError, RelaxResult, check_relaxation, relax
 from fbalign._src.rules.backprop import backprop
 from fbalign._src.rules.feedback_alignment import (
     DirectFeedbackAlignmentState,
@@ -53,6 +55,11 @@ __all__ = [
     "forward_gradient",
     "sample_tangents",
     "through_primitives",
+    "RelaxResult",
+    "RelaxationError",
+    "check_relaxation",
+    "relax",
+    "Links",
     "DirectFeedbackAlignmentState",
     "EmptyState",
     "FeedbackAlignmentState",
