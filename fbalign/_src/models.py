@@ -97,17 +97,7 @@ class MLP:
     def forward(self, params: Params, x: Array) -> tuple[Array, Tape]:
         """Forward pass returning the output and the `Tape` for ``rule.update``."""
         self._check_input(x)
-        inputs, preacts, derivs = [], [], []
-        h = x
-        for layer, f in zip(params, self._acts(), strict=True):
-            inputs.append(h)
-            a = h @ layer["w"]
-            if "b" in layer:
-                a = a + layer["b"]
-            preacts.append(a)
-            derivs.append(_deriv(f, a))
-            h = f(a)
-        return h, Tape(tuple(inputs), tuple(preacts), tuple(derivs), h)
+        return record_layers(self._acts(), [matmul] * self.num_layers, params, x)
 
     def apply(
         self,
