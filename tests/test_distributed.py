@@ -147,6 +147,17 @@ for name, f in (("naive", naive), ("helped", helped)):
         params, xs, ys)
     save(f"trap/{name}", g)
 save("trap/ref", jax.grad(loss)(params, x, y))
+# 5. Batch.index reaches a rule on every data shard: a spy rule sums the indices it sees.
+from fbalign.rules import LearningRule, StepOutput
+
+def spy_step(params, state, batch, key, context):
+    o = context.network.apply(params, batch.x)
+    return (jax.tree.map(jnp.zeros_like, params),
+            state + jnp.sum(batch.index.astype(jnp.float32)), StepOutput(context.loss(o, batch.y), o))
+
+spy = LearningRule(lambda k, p, n: jnp.zeros((), jnp.float32), spy_step, name="spy")
+out["index/single"] = np.asarray(fit(model, spy, opt, data, **common).state.rule_state)
+out["index/sharded"] = np.asarray(fit(model, spy, opt, data, devices=8, **common).state.rule_state)
 np.savez(sys.argv[1], **out)
 '''
 
@@ -227,6 +238,13 @@ def test_pcast_helper_avoids_summed_gradients(eight):
 # ------------------------------------------------------------------------------------------
 # In-process checks (1 device) and argument errors
 # ------------------------------------------------------------------------------------------
+
+
+def test_batch_index_reaches_the_rule_on_every_data_shard(eight):
+    # each shard's sum of indices, averaged over the 8 shards (changed rule state is pmean-ed)
+    single, sharded = eight["index/single"], eight["index/sharded"]
+    assert single > 0
+    np.testing.assert_allclose(8 * sharded, single, rtol=1e-6)
 
 
 def test_devices_more_than_available_names_both_numbers():

@@ -322,7 +322,7 @@ def make_sharded_epoch_runner(
         def body(carry, i):
             off = (start + i) * batch_size + shard * local_bs
             idx = jax.lax.dynamic_slice_in_dim(perm, off, local_bs, axis=perm.ndim - 1)
-            return one(carry, x_all[idx], y_all[idx])
+            return one(carry, x_all[idx], y_all[idx], idx)
 
         return jax.lax.scan(body, state, jnp.arange(chunk))
 
