@@ -269,3 +269,31 @@ def test_cli_resume_may_add_epochs(tmp_path, capsys):
     assert a[0]["step"] == b[0]["step"] == 16
     _assert_bit_identical(a[1], b[1])
     capsys.readouterr()
+
+
+def test_cli_resume_counts_options_given_at_their_default_values(tmp_path, capsys):
+    """An option on the command line counts as given even when its value is the parser's
+    default: --seed 0 on a seed-3 run is refused, --epochs <default> extends the run."""
+    from fbalign._src.cli import build_parser
+    from fbalign.cli import main
+
+    defaults = build_parser().parse_args(["train"])
+    run = tmp_path / "run"
+    base = ["train", "--dataset", "teacher", "--hidden", "8", "--batch-size", "256",
+            "--optimizer", "sgd", "--lr", "0.05", "--no-progress"]
+    assert main([*base, "--rule", "fa", "--seed", "3", "--epochs", "2", "--out", str(run)]) == 0
+    capsys.readouterr()
+    for flag, value in (("--seed", defaults.seed), ("--rule", defaults.rule),
+                        ("--hidden", ",".join(map(str, defaults.hidden)))):
+        assert main(["train", "--resume", str(run), flag, str(value)]) == 2
+        assert f"drop {flag}" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--epochs", "1"]) == 2
+    assert "can only extend a run" in capsys.readouterr().err
+    assert defaults.epochs > 2
+    assert main(["train", "--resume", str(run), "--epochs", str(defaults.epochs),
+                 "--no-progress"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["epochs"] == defaults.epochs and "given_options" not in cfg
+    recs = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs if r.get("kind") == "epoch"] == list(
+        range(1, defaults.epochs + 1))

@@ -389,3 +389,88 @@ def test_rules_properties(rule, sizes, batch, dtype, activation, seed, corrupt):
     if dtype == jnp.float32:  # two forms, one truth
         for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads), strict=True):
             np.testing.assert_allclose(u, g, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets the network cannot be trained on give an error, not zero loss and zero gradient.
+
+
+def _digits():
+    return load_dataset("digits")
+
+
+def test_fit_refuses_labels_beyond_the_output_width_naming_the_split():
+    d = _digits()
+    with pytest.raises(ValueError, match=r"digits y_train: \d+ labels lie outside \[0, 5\)"):
+        fb.train.fit(fb.mlp((64, 16, 5)), "bp", optax.sgd(0.1), d, epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (lambda y: np.full(len(y), 12), r"labels lie outside \[0, 10\) \(min 12, max 12\)"),
+    (lambda y: np.where(np.arange(len(y)) == 3, -1, y), r"1 labels lie outside"),
+    (lambda y: y.astype(float), r"Class labels must be integers"),
+    (lambda y: y[:-1], r"entries but the inputs have"),
+])
+def test_evaluate_refuses_targets_that_cannot_fit_the_outputs(bad, msg):
+    d = _digits()
+    model = fb.mlp((64, 10))
+    params = model.init(jax.random.PRNGKey(0))
+    assert fb.train.evaluate(model, params, d.x_test, d.y_test)["loss"] > 0  # the good case
+    with pytest.raises(ValueError, match=msg):
+        fb.train.evaluate(model, params, d.x_test, bad(d.y_test))
+
+
+def test_regression_targets_must_have_the_outputs_shape():
+    d = _digits()
+    model = fb.mlp((64, 1))
+    params = model.init(jax.random.PRNGKey(0))
+    y = d.y_test.astype(np.float32)
+    with pytest.raises(ValueError, match=r"Reshape them to \(\d+, 1\)"):  # would broadcast
+        fb.train.evaluate(model, params, d.x_test, y, loss="squared_error")
+    ok = fb.train.evaluate(model, params, d.x_test, y[:, None], loss="squared_error")
+    assert np.isfinite(ok["loss"])
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics.jsonl cut in the middle of a line
+
+
+def _small_fit(out, epochs, **kw):
+    d = _digits()
+    return fb.train.fit(fb.mlp((64, 8, 10)), "fa", optax.sgd(0.1), d, epochs=epochs,
+                        batch_size=256, log_every=2, progress=False, out_dir=out,
+                        checkpoint_every=0, **kw)
+
+
+def test_resume_repairs_a_record_cut_mid_line_and_keeps_every_later_record(tmp_path):
+    from fbalign.plot import load_run
+
+    out = tmp_path / "run"
+    _small_fit(out, 2)
+    path = out / "metrics.jsonl"
+    whole = path.read_bytes()
+    n_records = whole.count(b"\n")
+    path.write_bytes(whole[:-7])  # the last record loses its end (and its newline)
+    before = [json.loads(s) for s in whole.decode().splitlines()]
+    with pytest.warns(RuntimeWarning) as caught:
+        _small_fit(out, 3, resume=True)
+    said = " ".join(str(w.message) for w in caught)
+    assert "metrics.jsonl: dropped a partial last record" in said
+    assert f"{n_records - 1} complete records before it are kept" in said
+    recs = [json.loads(s) for s in path.read_text().splitlines()]  # every line is whole
+    assert recs[:n_records - 1] == before[:n_records - 1]  # nothing complete was lost
+    assert recs[-1]["kind"] == "epoch" and recs[-1]["epoch"] == 3  # on a line of its own
+    assert load_run(out)["epochs"][-1]["epoch"] == 3
+
+
+def test_plot_names_the_file_and_line_of_a_broken_record(tmp_path):
+    from fbalign.plot import load_run
+
+    out = tmp_path / "run"
+    _small_fit(out, 3)
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1][:20] + lines[2]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a JSON record"):
+        load_run(out)

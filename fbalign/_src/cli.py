@@ -222,7 +222,7 @@ def _add_reliability_args(p: argparse.ArgumentParser) -> None:
 
 # Options a resumed run may change: neither alters the steps already taken or the data order.
 _RESUME_MAY_CHANGE = ("epochs", "on_nonfinite")
-_RUN_LOCAL = ("resume", "overwrite", "no_progress", "out", "func",
+_RUN_LOCAL = ("resume", "overwrite", "no_progress", "out", "func", "given_options",
               "devices", "coordinator", "num_processes", "process_id")  # where, not what
 
 
@@ -241,8 +241,14 @@ def _resume_args(args) -> argparse.Namespace:
         raise UsageError(f"cannot resume {run}: {cfg_path} is not valid JSON ({err})") from None
     defaults = vars(build_parser().parse_args(["train"]))
     norm = lambda v: list(v) if isinstance(v, tuple) else v
+    typed = getattr(args, "given_options", None)  # what the command line named (main sets it)
     given = {k: v for k, v in vars(args).items()
-             if k not in _RUN_LOCAL and k in config and norm(v) != norm(defaults.get(k))}
+             if k not in _RUN_LOCAL and k in config
+             and (k in typed if typed is not None else norm(v) != norm(defaults.get(k)))}
+    if "epochs" in given and given["epochs"] < config.get("epochs", 0):
+        raise UsageError(f"--epochs {given['epochs']} is fewer than the {config['epochs']} the run "
+                         f"in {run} was started with; --resume can only extend a run (its "
+                         "results would be reported as after fewer epochs than were trained)")
     clash = [k for k, v in given.items() if k not in _RESUME_MAY_CHANGE and norm(v) != config[k]]
     if clash:
         raise UsageError(
@@ -517,7 +523,7 @@ def _write_config(args, out: Path, loss: str, data) -> None:
     import jax
 
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-              if k not in ("func", "rule_arg")}  # rule_arg: the raw --rule-arg items
+              if k not in ("func", "rule_arg", "given_options")}  # rule_arg: raw --rule-arg
     config["rule_args"] = {k: (list(v) if isinstance(v, tuple) else v)
                            for k, v in args.rule_args.items()}
     config.update({"loss": loss, "out": str(out), "jax_version": jax.__version__,
@@ -649,10 +655,28 @@ def _lazy(name: str) -> Callable:
     return getattr(plot, name)
 
 
+def _given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The options the command line names (whatever their values: ``--seed 0`` counts even
+    though 0 is the default), found by parsing it again into a namespace whose attributes all
+    start as a sentinel (argparse only fills in defaults for attributes that are missing)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    sub = parser._subparsers._group_actions[0].choices.get(command)  # noqa: SLF001
+    if sub is None:
+        return set()
+    # appending actions (--rule-arg) extend what is there: give each a fresh empty list, which
+    # argparse copies before appending, so identity still tells whether it was named
+    start = {a.dest: [] if isinstance(a, argparse._AppendAction) else object()  # noqa: SLF001
+             for a in sub._actions}  # noqa: SLF001
+    ns = argparse.Namespace(**start)
+    sub.parse_known_args(argv[argv.index(command) + 1:], namespace=ns)
+    return {k for k, v in vars(ns).items() if k in start and v is not start[k]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fbalign`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.given_options = _given_options(parser, list(sys.argv[1:] if argv is None else argv))
     from fbalign._src.checkpoint import CheckpointError
     from fbalign._src.data import DataError
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fbalign._src.base import Array
@@ -39,3 +41,30 @@ def get_loss(name: str) -> Loss:
         return LOSSES[name]
     except KeyError:
         raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}") from None
+
+
+def check_targets(x: Any, y: Any, n_out: int, what: str = "y") -> None:
+    """Raises a `ValueError` naming what is wrong when targets ``y`` cannot be right for a
+    network with ``n_out`` outputs on inputs ``x``: a length that differs from ``x``'s, integer
+    class labels outside ``[0, n_out)`` (one-hot encoding would give them zero loss and zero
+    gradient), float targets of another shape than ``(n, n_out)`` (a ``(n,)`` vector would
+    broadcast against ``(n, 1)`` outputs). Host-side and O(n): call it once per dataset."""
+    y = np.asarray(y)
+    if len(y) != len(x):
+        raise ValueError(f"{what} has {len(y)} entries but the inputs have {len(x)}")
+    if np.issubdtype(y.dtype, np.integer) or y.dtype == bool:
+        if y.ndim != 1:
+            raise ValueError(f"{what}: integer class labels must be a vector (n,), got shape "
+                             f"{y.shape}")
+        bad = (y < 0) | (y >= n_out)
+        if np.any(bad):
+            raise ValueError(
+                f"{what}: {int(bad.sum())} labels lie outside [0, {n_out}) (min {y.min()}, max "
+                f"{y.max()}); the network has {n_out} outputs, one per class: build it with as "
+                f"many outputs as the data has classes (Dataset.num_classes), or fix the labels")
+        return
+    if y.ndim != 2 or y.shape[1] != n_out:
+        hint = (" Class labels must be integers (y.astype(int))." if y.ndim == 1 and n_out > 1
+                else f" Reshape them to ({len(y)}, {n_out}).")
+        raise ValueError(f"{what}: float targets have shape {y.shape} but the network's "
+                         f"outputs are ({len(y)}, {n_out}).{hint}")

@@ -37,7 +37,17 @@ def load_run(run_dir: str | Path) -> RunData:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; is {run_dir} a run directory (fbalign train "
                                 "--out)?")
-    recs = [json.loads(s) for s in path.read_text().splitlines() if s.strip()]
+    recs = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {lineno}: not a JSON record ({err.msg} at column "
+                             f"{err.colno}); the file was cut or edited. `fbalign train "
+                             "--resume` repairs a record cut mid-write; else delete the line"
+                             ) from None
     cfg_path = path.parent / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
     run = RunData(

@@ -40,7 +40,7 @@ from fbalign._src.checkpoint import (
 )
 from fbalign._src.data import Dataset
 from fbalign._src.lift import as_learning_rule, is_tape_rule, resolve_form
-from fbalign._src.losses import Loss, get_loss
+from fbalign._src.losses import Loss, check_targets, get_loss
 from fbalign._src.runner import ensemble_step, reduce_chunk
 from fbalign._src.sharding import data_parallel
 from fbalign._src.wrap import is_seeded
@@ -294,6 +294,8 @@ def evaluate(
     ev = eval_fn or make_eval_fn(model, loss)
     if len(x) == 0:
         return {}
+    if eval_fn is None:
+        check_targets(x, y, output_width(model, params, x))
     return {k: float(v) for k, v in _evaluate_raw(params, x, y, ev, batch_size).items()}
 
 
@@ -403,6 +405,7 @@ def fit(
         start = _resume(ckpt_dir, seeding, fingerprint)
     else:
         start = _Start(_given_state(state, seeding), 0, 0, {}, [], None, [])
+    _check_data_targets(model, data, start.state.params, seeding.ensemble)
     log = _RunLog(out_dir, start.records)  # on resume, cut back to the checkpoint's records
     checkpoints = _Checkpoints(ckpt_dir, checkpoint_every, fingerprint, start.saved,
                                program.host_params)
@@ -608,6 +611,7 @@ class _RunLog:
         self.records = keep
         if out_dir is not None:
             path = Path(out_dir) / "metrics.jsonl"
+            self._drop_partial_line(path)
             if keep is not None:
                 self._cut_back(path, keep)
             Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -632,6 +636,23 @@ class _RunLog:
             return 0
         with open(path, "rb") as f:
             return sum(1 for _ in f)
+
+    @staticmethod
+    def _drop_partial_line(path: Path) -> None:
+        """Repairs a file whose last record was cut mid-line (a write interrupted by a kill or a
+        full disk): the partial line goes, with a warning naming the file, so that the next
+        record starts on a line of its own."""
+        if not path.exists():
+            return
+        data = path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return
+        keep = data[:data.rfind(b"\n") + 1]
+        atomic_write_bytes(path, keep)
+        complete = keep.count(b"\n")
+        warnings.warn(f"{path}: dropped a partial last record ({len(data) - len(keep)} bytes, "
+                      f"cut mid-write); the {complete} complete records before it are kept",
+                      RuntimeWarning, stacklevel=4)
 
     @staticmethod
     def _cut_back(path: Path, keep: int) -> None:
@@ -844,6 +865,23 @@ def _scalarise(prefix: str, m: dict[str, Any], ensemble: bool) -> dict[str, Any]
         else:
             out[f"{prefix}{k}"] = float(v)
     return out
+
+
+def output_width(model: Any, params: Params, x: Any) -> int:
+    """The size of the last axis of ``model.apply(params, x)`` (traced, nothing computed)."""
+    return int(jax.eval_shape(model.apply, params, jnp.asarray(x[:1])).shape[-1])
+
+
+def _check_data_targets(model: Any, data: Dataset, params: Params, ensemble: bool) -> None:
+    """`check_targets` on every split of ``data``, once per `fit` (labels outside the output
+    width would train with zero loss and zero gradient)."""
+    if ensemble:
+        params = jax.tree.map(lambda a: a[0], params)
+    n_out = output_width(model, params, data.x_train)
+    for split in ("train", "val", "test"):
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        if len(x):
+            check_targets(x, y, n_out, f"{data.name} y_{split}")
 
 
 def _evaluate_raw(params, x, y, eval_fn, batch_size: int = 1000) -> dict[str, Any]:
