@@ -153,7 +153,8 @@ from fbalign.rules import LearningRule, StepOutput
 def spy_step(params, state, batch, key, context):
     o = context.network.apply(params, batch.x)
     return (jax.tree.map(jnp.zeros_like, params),
-            state + jnp.sum(batch.index.astype(jnp.float32)), StepOutput(context.loss(o, batch.y), o))
+            state + jnp.sum(batch.index.astype(jnp.float32)),
+            StepOutput(context.loss(o, batch.y), o))
 
 spy = LearningRule(lambda k, p, n: jnp.zeros((), jnp.float32), spy_step, name="spy")
 out["index/single"] = np.asarray(fit(model, spy, opt, data, **common).state.rule_state)

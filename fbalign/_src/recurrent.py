@@ -4,7 +4,8 @@
 time-major: inputs ``(T, batch, din)``, outputs ``(T, batch, dout)``.
 
 DFA (Nokland 2016, applied per time step): each step's output error ``e_t = dL/dy_t`` is carried
-to ``h_t`` by an error carrier (the rule's `Backward` makes it) scanned alongside the inputs; ``h_t`` receives ``e_t @ B`` and the
+to ``h_t`` by an error carrier (the rule's `Backward` makes it) scanned alongside the inputs;
+``h_t`` receives ``e_t @ B`` and the
 error arriving from the output layer *and* from step ``t+1`` is discarded, so nothing travels
 back through time. With ``delta_t = (e_t B) * f'(a_t)``:
 ``dW_in = sum_t x_t^T delta_t``, ``dW_rec = sum_t h_{t-1}^T delta_t``, ``db = sum_t delta_t``,

@@ -34,7 +34,8 @@ def backprop() -> TapeRule:
     def update_fn(params: Params, state: EmptyState, tape: Tape, error: Array, **extra: Any):
         del extra
         layers = dense_layers(params)
-        updates = chain_updates(params, tape, error, lambda i, d: tape.send_back(i, d, layers[i][0]))
+        updates = chain_updates(params, tape, error,
+                                lambda i, d: tape.send_back(i, d, layers[i][0]))
         return updates, state
 
     return TapeRule(init_fn, update_fn, backward=lambda feedback, labels: Backward())

@@ -21,8 +21,8 @@ from fbalign._src.feedback_init import Initializer
 from fbalign._src.rules.feedback_alignment import (
     DFA_ORIENTATION,
     dfa_feedback_shapes,
-    project,
     draw_feedback,
+    project,
 )
 
 
@@ -90,7 +90,8 @@ def direct_random_target_projection(
             )
         fb = state.feedback
         t = as_targets(labels, error.shape[-1], error.dtype) / error.shape[0]
-        updates = chain_updates(params, tape, error, lambda i, d: project(tape, i - 1, t, fb[i - 1]))
+        updates = chain_updates(params, tape, error,
+                                lambda i, d: project(tape, i - 1, t, fb[i - 1]))
         return updates, state
 
     def backward(feedback: Any, labels: Any) -> TargetProjection:

@@ -177,7 +177,8 @@ def sign_symmetry(
             dtype=layers[0][0].dtype,
         )
         updates = chain_updates(
-            params, tape, error, lambda i, d: tape.send_back(i, d, sign_feedback(layers[i][0], mags[i]))
+            params, tape, error, lambda i, d: tape.send_back(
+                i, d, sign_feedback(layers[i][0], mags[i]))
         )
         if magnitude == "batch_random":
             state = BatchRandomSignState(key)
