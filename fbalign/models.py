@@ -1,9 +1,11 @@
 """Models: fbalign's layered networks (MLP, LeNet-5, RNN), which record a `Tape` and run every
-rule's backward, and wrappers that make any Flax NNX/Linen or Equinox model, or a pure
+rule's backward, the layered Hopfield network of equilibrium propagation, and wrappers that
+make any Flax NNX/Linen or Equinox model, or a pure
 ``apply(params, x)`` function, a network the harness trains."""
 
 from fbalign._src.activations import ACTIVATIONS, get_activation
 from fbalign._src.convnet import LeNet5, lenet5
+from fbalign._src.hopfield import HopfieldNetwork, hopfield
 from fbalign._src.models import BACKWARD_MODES, MLP, mlp
 from fbalign._src.recurrent import RNN, rnn
 from fbalign._src.wrap import (
@@ -26,6 +28,7 @@ __all__ = [
     "RNN",
     "EquinoxNetwork",
     "FunctionNetwork",
+    "HopfieldNetwork",
     "LeNet5",
     "LinenNetwork",
     "NNXNetwork",
@@ -35,6 +38,7 @@ __all__ = [
     "from_linen",
     "from_nnx",
     "get_activation",
+    "hopfield",
     "is_seeded",
     "lenet5",
     "mlp",

@@ -7,8 +7,8 @@ from fbalign._src.base import (
     FeedbackDtypeError,
     FeedbackShapeError,
     LayerOp,
-    Links,
     LearningRule,
+    Links,
     StepContext,
     StepOutput,
     Tape,
@@ -31,7 +31,12 @@ from fbalign._src.feedback_init import (
 from fbalign._src.lift import as_learning_rule, explicit, through_primitives
 from fbalign._src.registry import RULES, RuleSpec, get_rule, has_grad_form
 from fbalign._src.relax import RelaxationError, RelaxResult, check_relaxation, relax
+from fbalign._src.rules.activation_relaxation import (
+    ActivationRelaxationState,
+    activation_relaxation,
+)
 from fbalign._src.rules.backprop import backprop
+from fbalign._src.rules.equilibrium import equilibrium_propagation
 from fbalign._src.rules.feedback_alignment import (
     DirectFeedbackAlignmentState,
     FeedbackAlignmentState,
@@ -41,6 +46,7 @@ from fbalign._src.rules.feedback_alignment import (
     feedback_alignment,
 )
 from fbalign._src.rules.forward_gradient import forward_gradient, sample_tangents
+from fbalign._src.rules.predictive_coding import predictive_coding
 
 __all__ = [
     "FEEDBACK_INITS",
@@ -55,6 +61,10 @@ __all__ = [
     "forward_gradient",
     "sample_tangents",
     "through_primitives",
+    "ActivationRelaxationState",
+    "activation_relaxation",
+    "equilibrium_propagation",
+    "predictive_coding",
     "RelaxResult",
     "RelaxationError",
     "check_relaxation",

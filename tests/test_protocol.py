@@ -110,9 +110,13 @@ PROTOCOL_RULES = sorted({n for n, s in RULES.items() if not isinstance(s.make(),
                         | {"bp", "fa", "dfa", "kp", "dni"})
 
 
+# Rules that train one kind of network conform on it (equilibrium propagation: its Hopfield net).
+OWN_NETWORK = {"ep": lambda: fb.models.hopfield((5, 7, 3), "sigmoid", free_steps=10)}
+
+
 @pytest.mark.parametrize("name", PROTOCOL_RULES)
 def test_registered_rules_conform_on_the_mlp(name):
-    _conformance(fb.mlp((5, 7, 6, 3)), name)
+    _conformance(OWN_NETWORK.get(name, lambda: fb.mlp((5, 7, 6, 3)))(), name)
 
 
 @pytest.mark.parametrize("kind", sorted(WRAPPED))

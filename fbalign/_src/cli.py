@@ -23,7 +23,10 @@ from fbalign._src.rule_args import (
 )
 
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
-MODELS = ("mlp", "lenet5", "rnn")
+MODELS = ("mlp", "lenet5", "rnn", "hopfield")
+# Rules that need one kind of network, and the rules a network other than an MLP trains with.
+_RULE_MODELS = {"ep": ("hopfield",), "pc": ("mlp",), "ar": ("mlp",)}
+_HOPFIELD_RULES = ("ep", "bp", "fg")
 
 
 def _names(kind: str, valid: Sequence[str]) -> Callable[[str], str]:
@@ -84,9 +87,9 @@ def make_optimizer(name: str, lr: float, momentum: float = 0.0, weight_decay: fl
 
 def build_model(name: str, input_dim: int, output_dim: int, hidden: Sequence[int],
                 activation: str, output_activation: str):
-    """A model by CLI name: ``mlp``, ``lenet5`` (28x28x1 inputs; ``hidden`` is ignored) or
+    """A model by CLI name: ``mlp``, ``lenet5`` (28x28x1 inputs; ``hidden`` is ignored),
     ``rnn`` (square images read row by row, one hidden layer of ``hidden[0]`` units, classified
-    from the last step)."""
+    from the last step) or ``hopfield`` (the layered energy-based network of ``--rule ep``)."""
     from fbalign._src.models import mlp
 
     if name == "mlp":
@@ -108,6 +111,10 @@ def build_model(name: str, input_dim: int, output_dim: int, hidden: Sequence[int
                              f"{','.join(map(str, hidden))} (use --dataset digits or mnist and "
                              "one width, e.g. --hidden 128)")
         return rnn(side, hidden[0], output_dim, activation, time_major=False, readout="last")
+    if name == "hopfield":
+        from fbalign._src.hopfield import hopfield
+
+        return hopfield((input_dim, *hidden, output_dim), activation)
     raise UsageError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
 
 
@@ -324,6 +331,16 @@ def _check_grad_form(rule: str, form: str, model: str, rule_kwargs: dict) -> Non
                          "with --form explicit")
 
 
+def _check_rule_model(rule: str, model: str) -> None:
+    """A usage error for a rule and a network that cannot go together (energy-based rules)."""
+    if rule in _RULE_MODELS and model not in _RULE_MODELS[rule]:
+        raise UsageError(f"--rule {rule} trains --model {' or '.join(_RULE_MODELS[rule])}, not "
+                         f"{model}; add --model {_RULE_MODELS[rule][0]}")
+    if model == "hopfield" and rule not in _HOPFIELD_RULES:
+        raise UsageError(f"--model hopfield (an energy-based network) trains with --rule "
+                         f"{', '.join(_HOPFIELD_RULES)}, not {rule}")
+
+
 def _check_explicit_on_lenet(rule: str, rule_kwargs: dict) -> None:
     """A usage error, before the data is loaded, for a tape rule whose explicit form is stated
     for dense layers only (traced once on LeNet-5's shapes, nothing computed)."""
@@ -466,8 +483,12 @@ def cmd_train(args) -> int:
     primary = jax.process_index() == 0  # only process 0 writes the run directory
     data = _load_train_data(args)
     loss = args.loss or ("cross_entropy" if data.num_classes else "squared_error")
-    model = build_model(args.model, data.input_dim, data.output_dim, args.hidden,
-                        args.activation, args.output_activation)
+    activation = args.activation
+    if args.model == "hopfield" and "activation" not in (getattr(args, "given_options", None)
+                                                         or ()):
+        activation = "hard_sigmoid"  # the papers' rho, unless --activation names another
+    model = build_model(args.model, data.input_dim, data.output_dim, args.hidden, activation,
+                        args.output_activation)
     optimizer = make_optimizer(args.optimizer, args.lr, args.momentum, args.weight_decay)
     out = (Path(args.out) if resuming else prepare_out(args)) if primary else None
     if not resuming and primary:  # a resumed run keeps the config it was started with
@@ -503,6 +524,7 @@ def _load_train_data(args):
                      _rule_kwargs(args))
     if args.model == "lenet5" and args.form == "explicit":
         _check_explicit_on_lenet(args.rule, _rule_kwargs(args))
+    _check_rule_model(args.rule, args.model)
     if args.model == "rnn":
         from fbalign._src.recurrent import RNN_RULES
 

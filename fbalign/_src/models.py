@@ -10,16 +10,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fbalign._src.activations import ACTIVATIONS, get_activation  # noqa: F401 (re-exported)
+from fbalign._src.activations import ACTIVATIONS, derivative, get_activation  # noqa: F401
 from fbalign._src.backward import Backward
 from fbalign._src.base import Array, LayerOp, Links, Params, PRNGKey, Tape
 from fbalign._src.modes import MODES, backward_for_mode
-
-
-def _deriv(f: Callable[[Array], Array], a: Array) -> Array:
-    # Elementwise activations: the JVP along ones is the derivative, fused by XLA.
-    return jax.jvp(f, (a,), (jnp.ones_like(a),))[1]
-
 
 BACKWARD_MODES = MODES  # the legacy mode strings `apply` reads (`backward_for_mode`)
 
@@ -61,7 +55,9 @@ class MLP:
     def num_layers(self) -> int:
         return len(self.sizes) - 1
 
-    def _acts(self) -> list[Callable[[Array], Array]]:
+    def activations(self) -> list[Callable[[Array], Array]]:
+        """``[f_1, ..., f_L]``: the hidden activation for every layer but the last, which gets
+        the output activation."""
         hid = get_activation(self.activation)
         return [hid] * (self.num_layers - 1) + [get_activation(self.output_activation)]
 
@@ -97,7 +93,7 @@ class MLP:
     def forward(self, params: Params, x: Array) -> tuple[Array, Tape]:
         """Forward pass returning the output and the `Tape` for ``rule.update``."""
         self._check_input(x)
-        return record_layers(self._acts(), [matmul] * self.num_layers, params, x)
+        return record_layers(self.activations(), [matmul] * self.num_layers, params, x)
 
     def apply(
         self,
@@ -143,7 +139,7 @@ class MLP:
                 mode, feedback, num_layers=self.num_layers, n_out=self.sizes[-1],
                 batch=x.shape[0], dtype=x.dtype, labels=labels, derivative=derivative,
                 error_bits=error_bits)
-        return run_layers(backward, self._acts(), [matmul] * self.num_layers, params, x,
+        return run_layers(backward, self.activations(), [matmul] * self.num_layers, params, x,
                           self.sizes[-1])
 
 
@@ -202,13 +198,21 @@ def record_layers(acts: Sequence[Callable[[Array], Array]],
         if "b" in layer:
             a = a + layer["b"]
         preacts.append(a)
-        derivs.append(_deriv(f, a))
+        derivs.append(derivative(f, a))
         h = f(a)
     if dense:
         return h, Tape(tuple(inputs), tuple(preacts), tuple(derivs), h)
     links = Links(tuple(ops), tuple(_Gap(between, i) if i in gaps else None
                                     for i in range(len(ops))))
     return h, Tape(tuple(inputs), tuple(preacts), tuple(derivs), h, links, tuple(hidden))
+
+
+def require_mlp(network: Any, rule: str, why: str) -> None:
+    """Raises a `TypeError` naming ``rule`` unless ``network`` is a dense `MLP` (``why``: what of
+    the rule is stated for dense layers)."""
+    if not isinstance(network, MLP):
+        raise TypeError(f"rule {rule!r} needs a dense fbalign.models.mlp network ({why}), got "
+                        f"{type(network).__name__}")
 
 
 def mlp(

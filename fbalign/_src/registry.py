@@ -6,15 +6,18 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from fbalign._src.base import LearningRule, TapeRule
+from fbalign._src.rules.activation_relaxation import activation_relaxation
 from fbalign._src.rules.backprop import backprop
 from fbalign._src.rules.bidirectional import (
     bidirectional_direct_feedback_alignment,
     bidirectional_feedback_alignment,
 )
 from fbalign._src.rules.drtp import direct_random_target_projection
+from fbalign._src.rules.equilibrium import equilibrium_propagation
 from fbalign._src.rules.feedback_alignment import direct_feedback_alignment, feedback_alignment
 from fbalign._src.rules.forward_gradient import forward_gradient
 from fbalign._src.rules.kolen_pollack import kolen_pollack, weight_mirror
+from fbalign._src.rules.predictive_coding import predictive_coding
 from fbalign._src.rules.random_backprop import (
     adaptive_random_backprop,
     adaptive_skipped_random_backprop,
@@ -84,6 +87,11 @@ RULES: dict[str, RuleSpec] = {
                      "direct random target projection, Frenkel et al. 2021"),
     # Rules with a step of their own (LearningRule): no tape, no jax.grad form.
     "fg": RuleSpec(forward_gradient, "forward gradient (weight perturbation), Baydin et al. 2022"),
+    # Energy-based and relaxation rules (issue 13).
+    "ep": RuleSpec(equilibrium_propagation,
+                   "equilibrium propagation (on fbalign.models.hopfield), Scellier & Bengio 2017"),
+    "pc": RuleSpec(predictive_coding, "predictive coding, Whittington & Bogacz 2017"),
+    "ar": RuleSpec(activation_relaxation, "activation relaxation, Millidge et al. 2020"),
 }
 
 

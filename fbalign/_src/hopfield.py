@@ -1,0 +1,202 @@
+"""A layered continuous Hopfield network: the energy-based model equilibrium propagation trains.
+
+Scellier & Bengio (2017), "Equilibrium propagation: bridging the gap between energy-based models
+and backpropagation", Frontiers in Computational Neuroscience 11:24, eq. (1), restricted to a
+layered architecture (as in their experiments and in Laborieux et al. 2021): the input ``x`` is
+clamped, the states ``s_1, ..., s_L`` are free, ``s_L`` is the output, and only consecutive
+layers interact (symmetric weights ``W_l`` couple ``s_{l-1}`` and ``s_l``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fbalign._src.activations import get_activation
+from fbalign._src.base import Array, Params, PRNGKey
+from fbalign._src.relax import RelaxResult, relax
+
+
+@jax.custom_jvp
+def hard_sigmoid(s: Array) -> Array:
+    """``rho(s) = clip(s, 0, 1)`` with ``rho'(s) = 1`` on the closed interval ``[0, 1]`` and 0
+    outside (``jnp.clip``'s autodiff gives 1/2 at the ends, which would halve the drive of
+    states that start at 0)."""
+    return jnp.clip(s, 0.0, 1.0)
+
+
+@hard_sigmoid.defjvp
+def _hard_sigmoid_jvp(primals, tangents):
+    (s,), (ds,) = primals, tangents
+    inside = (s >= 0) & (s <= 1)
+    return hard_sigmoid(s), jnp.where(inside, ds, jnp.zeros_like(ds))
+
+
+def projected_sgd(step_size: float, low: float = 0.0,
+                  high: float = 1.0) -> optax.GradientTransformation:
+    """Projected gradient descent for `relax`: ``s <- clip(s - step_size * g, low, high)``
+    (the update returned is that minus ``s``). Scellier & Bengio (2017) clip the states of their
+    hard-sigmoid network to ``[0, 1]`` after every step; at ``step_size = 1`` the step is
+    ``s_l <- rho(drive_l)``, Laborieux et al.'s (2021) fixed-point iteration (all layers at
+    once)."""
+    if not step_size > 0:
+        raise ValueError(f"projected_sgd: step_size must be positive, got {step_size}")
+
+    def init(params: Any) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update(grads: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, Any]:
+        if params is None:
+            raise ValueError("projected_sgd needs the current states (params) to project")
+        new = jax.tree.map(lambda s, g: jnp.clip(s - step_size * g, low, high) - s, params,
+                           grads)
+        return new, state
+
+    return optax.GradientTransformation(init, update)
+
+
+def hopfield_activation(name: str) -> Callable[[Array], Array]:
+    """``"hard_sigmoid"`` (`hard_sigmoid`, the papers' choice) or any name `get_activation`
+    knows (``"sigmoid"``, ``"tanh"``: smooth, so the energy has a Hessian everywhere)."""
+    return hard_sigmoid if name == "hard_sigmoid" else get_activation(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class HopfieldNetwork:
+    r"""A layered Hopfield network with input clamped; params ``[{"w": (d_{l-1}, d_l), "b":
+    (d_l,)}, ...]`` (the MLP's layout). Build one with `hopfield`.
+
+    The energy of one example (Scellier & Bengio 2017, eq. 1, layered) is
+
+    .. math:: E(s) = \tfrac12 \sum_{l=1}^L \|s_l\|^2 - \sum_{l=1}^L \rho(s_{l-1})^\top W_l
+              \rho(s_l) - \sum_{l=1}^L b_l^\top \rho(s_l),
+
+    with ``rho(s_0) := x``: the clamped input enters unchanged (as in Laborieux et al.'s code),
+    so inputs need not lie in ``[0, 1]``. `energy` sums it over the batch, so that each
+    example's relaxation ``s <- s - step_size * dE/ds`` is independent of the batch size (the
+    rules divide parameter gradients by the batch size themselves). Its gradient is
+
+    ``dE/ds_l = s_l - rho'(s_l) * (rho(s_{l-1}) W_l + b_l + rho(s_{l+1}) W_{l+1}^T)``
+
+    (the last term absent for ``l = L``). `apply` runs the free phase from ``s = 0`` and returns
+    ``s_L``, the prediction.
+
+    Attributes:
+      sizes: ``(d_0, d_1, ..., d_L)``: input, hidden and output sizes.
+      activation: ``rho``: ``"hard_sigmoid"`` (default), ``"sigmoid"``, ``"tanh"``...
+      free_steps: the free phase's number of descent steps (the most steps, with ``tol``).
+      step_size: the descent's step size ``eta`` (``relax``'s ``step_size``).
+      tol: None runs exactly ``free_steps`` steps; else stop once ``max |dE/ds| < tol``.
+    """
+
+    layer_structure = False  # no feedforward chain (no `forward` tape, no `apply(backward=)`)
+
+    sizes: tuple[int, ...]
+    activation: str = "hard_sigmoid"
+    free_steps: int = 40
+    step_size: float = 0.5
+    tol: float | None = None
+
+    def __post_init__(self):
+        if len(self.sizes) < 2:
+            raise ValueError(f"hopfield: needs at least input and output sizes, got {self.sizes}")
+        for s in self.sizes:
+            if not isinstance(s, int) or isinstance(s, bool) or s <= 0:
+                raise ValueError(f"hopfield: layer sizes must be positive integers, got "
+                                 f"{self.sizes}")
+        hopfield_activation(self.activation)
+        if isinstance(self.free_steps, bool) or not isinstance(self.free_steps, int) \
+                or self.free_steps < 1:
+            raise ValueError(f"hopfield: free_steps must be a positive int, got "
+                             f"{self.free_steps!r}")
+        if not self.step_size > 0:
+            raise ValueError(f"hopfield: step_size must be positive, got {self.step_size}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.sizes) - 1
+
+    def rho(self, s: Array) -> Array:
+        """The activation ``rho`` applied elementwise."""
+        return hopfield_activation(self.activation)(s)
+
+    def init(self, key: PRNGKey, dtype: Any = jnp.float32) -> Params:
+        """Glorot-uniform weights (Laborieux et al. 2021 use PyTorch's uniform fan-in init;
+        Scellier & Bengio 2017 Glorot), zero biases."""
+        kinit = jax.nn.initializers.glorot_uniform()
+        keys = jax.random.split(key, self.num_layers)
+        return [{"w": kinit(k, (din, dout), dtype), "b": jnp.zeros((dout,), dtype)}
+                for k, din, dout in zip(keys, self.sizes[:-1], self.sizes[1:], strict=True)]
+
+    def zero_states(self, x: Array, dtype: Any = None) -> list[Array]:
+        """``[s_1, ..., s_L]`` all zero, ``(batch, d_l)`` each: the free phase's start."""
+        dtype = x.dtype if dtype is None else dtype
+        return [jnp.zeros((x.shape[0], d), dtype) for d in self.sizes[1:]]
+
+    def _check_input(self, x: Array) -> None:
+        if x.ndim != 2 or x.shape[1] != self.sizes[0]:
+            raise ValueError(f"hopfield expects inputs of shape (batch, {self.sizes[0]}), got "
+                             f"{tuple(x.shape)}"
+                             + ("; flatten images first" if x.ndim > 2 else ""))
+
+    def energy(self, params: Params, x: Array, states: list[Array]) -> Array:
+        """``E(s)`` summed over the batch (see the class docstring); ``states`` is
+        ``[s_1, ..., s_L]``."""
+        if len(params) != self.num_layers or len(states) != self.num_layers:
+            raise ValueError(f"hopfield: {self.num_layers} layers, got {len(params)} param "
+                             f"layers and {len(states)} states")
+        rhos = [x] + [self.rho(s) for s in states]
+        e = 0.5 * sum(jnp.sum(s**2) for s in states)
+        for layer, below, above in zip(params, rhos[:-1], rhos[1:], strict=True):
+            e = e - jnp.sum((below @ layer["w"]) * above) - jnp.sum(above * layer["b"])
+        return e
+
+    def free_phase(self, params: Params, x: Array, *, init: list[Array] | None = None,
+                   steps: int | None = None, step_size: float | None = None,
+                   tol: float | None = None, record: bool = False) -> RelaxResult:
+        """Relaxes ``E`` with ``x`` clamped (`relax`), from ``init`` (zeros by default), for
+        ``steps`` (default ``free_steps``) steps of ``step_size`` (default the network's;
+        ``tol`` default the network's). Returns the `RelaxResult`; ``state[-1]`` is ``s_L``."""
+        self._check_input(x)
+        start = self.zero_states(x, params[0]["w"].dtype) if init is None else init
+        return self.relax_states(lambda s: self.energy(params, x, s), start,
+                                 steps=self.free_steps if steps is None else steps,
+                                 step_size=step_size, tol=self.tol if tol is None else tol,
+                                 record=record)
+
+    def relax_states(self, energy: Callable[[list[Array]], Array], init: list[Array], *,
+                     steps: int, step_size: float | None = None, tol: float | None = None,
+                     record: bool = False) -> RelaxResult:
+        """`relax` of ``energy`` over the states with this network's dynamics: plain gradient
+        descent for a smooth ``rho``; for the hard sigmoid, descent projected onto ``[0, 1]``
+        (`projected_sgd`), so states never sit on the flat parts where ``rho' = 0`` and the
+        descent does not oscillate around the kinks at 0 and 1. There, ``grad_norm`` (and
+        ``tol``) measure the unprojected gradient, which stays non-zero for states pinned at
+        0 or 1: prefer fixed step counts."""
+        eta = self.step_size if step_size is None else step_size
+        opt = projected_sgd(eta) if self.activation == "hard_sigmoid" else None
+        return relax(energy, init, steps=steps, step_size=eta, optimizer=opt, tol=tol,
+                     record=record)
+
+    def apply(self, params: Params, x: Array) -> Array:
+        """The prediction: ``s_L`` at the end of the free phase from ``s = 0``."""
+        return self.free_phase(params, x).state[-1]
+
+
+def hopfield(sizes: tuple[int, ...] | list[int], activation: str = "hard_sigmoid", *,
+             free_steps: int = 40, step_size: float = 0.5,
+             tol: float | None = None) -> HopfieldNetwork:
+    """A layered Hopfield network (`HopfieldNetwork`) for equilibrium propagation.
+
+    Example:
+      >>> net = fbalign.models.hopfield((64, 128, 10), free_steps=40, step_size=0.5)
+      >>> fbalign.train.fit(net, fbalign.rules.equilibrium_propagation(beta=0.5), opt, data,
+      ...                   loss="squared_error")
+    """
+    return HopfieldNetwork(tuple(sizes), activation, free_steps, step_size, tol)

@@ -1,0 +1,179 @@
+"""Equilibrium propagation: a free and a nudged relaxation of a Hopfield energy, and a local
+contrastive update of the weights.
+
+Scellier & Bengio (2017), "Equilibrium propagation: bridging the gap between energy-based models
+and backpropagation", Frontiers in Computational Neuroscience 11:24; Laborieux, Ernoult,
+Scellier, Bengio, Grollier & Querlioz (2021), "Scaling equilibrium propagation to deep ConvNets
+by drastically reducing its gradient estimator bias", Frontiers in Neuroscience 15 (symmetric
+nudging, random sign of beta).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from fbalign._src.base import (
+    Array,
+    Batch,
+    EmptyState,
+    LearningRule,
+    Params,
+    PRNGKey,
+    StepContext,
+    StepOutput,
+    Updates,
+)
+from fbalign._src.hopfield import HopfieldNetwork
+from fbalign._src.relax import RelaxResult
+
+NUDGINGS = ("one_sided", "symmetric")
+COSTS = ("squared", "cross_entropy")
+
+
+def ep_targets(y: Array, output: Array) -> Array:
+    """Integer labels ``(batch,)`` as one-hot rows of the output's width; arrays unchanged."""
+    if y.ndim == output.ndim - 1 and jnp.issubdtype(y.dtype, jnp.integer):
+        return jax.nn.one_hot(y, output.shape[-1], dtype=output.dtype)
+    return y.astype(output.dtype)
+
+
+def ep_cost(cost: str, output: Array, target: Array) -> Array:
+    """The nudging cost ``C(s_L, y)`` summed over the batch: ``"squared"``: ``1/2 ||s_L -
+    y||^2``; ``"cross_entropy"``: the softmax cross-entropy of ``s_L`` read as logits."""
+    t = ep_targets(target, output)
+    if cost == "squared":
+        return 0.5 * jnp.sum((output - t) ** 2)
+    return -jnp.sum(t * jax.nn.log_softmax(output, axis=-1))
+
+
+def require_hopfield(network: Any, rule: str = "equilibrium_propagation") -> HopfieldNetwork:
+    """Returns ``network`` if it is a `HopfieldNetwork`, else raises a `TypeError` naming
+    ``rule`` and the network it needs."""
+    if not isinstance(network, HopfieldNetwork):
+        raise TypeError(f"rule {rule!r} needs an energy-based HopfieldNetwork "
+                        f"(fbalign.models.hopfield(sizes, ...)), got "
+                        f"{type(network).__name__}")
+    return network
+
+
+def energy_param_grads(net: HopfieldNetwork, params: Params, x: Array,
+                       states: list[Array]) -> Params:
+    """``dE/dtheta`` at fixed ``states``, averaged over the batch: the local terms ``-rho(s_{l-1})^T
+    rho(s_l) / B`` for ``W_l`` and ``-mean rho(s_l)`` for ``b_l``."""
+    states = jax.lax.stop_gradient(states)
+    g = jax.grad(lambda p: net.energy(p, x, states))(params)
+    return jax.tree.map(lambda a: a / x.shape[0], g)
+
+
+def _validate(beta: float, nudged_steps: int, nudging: str, cost: str) -> None:
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or beta == 0 \
+            or beta != beta:
+        raise ValueError(f"equilibrium_propagation: beta must be a non-zero number (the update "
+                         f"divides by it), got {beta!r}")
+    if isinstance(nudged_steps, bool) or not isinstance(nudged_steps, int) or nudged_steps < 1:
+        raise ValueError(f"equilibrium_propagation: nudged_steps must be a positive int, got "
+                         f"{nudged_steps!r}")
+    if nudging not in NUDGINGS:
+        raise ValueError(f"equilibrium_propagation: unknown nudging {nudging!r}; valid: "
+                         f"{', '.join(NUDGINGS)}")
+    if cost not in COSTS:
+        raise ValueError(f"equilibrium_propagation: unknown cost {cost!r}; valid: "
+                         f"{', '.join(COSTS)}")
+
+
+def equilibrium_propagation(
+    beta: float = 0.5,
+    nudged_steps: int = 20,
+    free_steps: int | None = None,
+    step_size: float | None = None,
+    nudging: Literal["one_sided", "symmetric"] = "one_sided",
+    random_sign: bool = False,
+    cost: Literal["squared", "cross_entropy"] = "squared",
+    tol: float | None = None,
+) -> LearningRule:
+    r"""Equilibrium propagation (Scellier & Bengio 2017) on a `HopfieldNetwork`.
+
+    1. Free phase: relax the energy ``E`` from ``s = 0`` (`relax`, ``free_steps`` steps of
+       ``step_size``) to the fixed point ``s*``; its output ``s*_L`` is the prediction.
+    2. Nudged phase: from ``s*``, relax the total energy ``F = E + beta C(s_L, y)`` to
+       ``s^beta`` (``nudged_steps`` steps), ``C = 1/2 ||s_L - y||^2`` (``cost="squared"``).
+    3. Update, with the gradient's sign (optax descends it), averaged over the batch:
+
+       .. math:: \Delta\theta = \frac{1}{\beta}\Big(\frac{\partial E}{\partial\theta}(s^\beta)
+                 - \frac{\partial E}{\partial\theta}(s^*)\Big)
+                 \xrightarrow{\beta\to0} \frac{d}{d\theta} C(s^*(\theta), y),
+
+       i.e. ``dW_l = -(rho(s^b_{l-1})^T rho(s^b_l) - rho(s*_{l-1})^T rho(s*_l)) / (beta B)``:
+       local and contrastive. Its bias is ``O(beta)``. ``nudging="symmetric"`` (Laborieux et al.
+       2021) relaxes two nudged phases at ``+beta`` and ``-beta`` and uses
+       ``(dE/dtheta(s^{+beta}) - dE/dtheta(s^{-beta})) / (2 beta)``, whose bias is
+       ``O(beta^2)``. ``random_sign=True`` draws beta's sign per step from the step key
+       (Laborieux et al.'s remedy for one-sided nudging's systematic bias).
+
+    ``cost="cross_entropy"`` reads ``s_L`` as logits and nudges with the softmax cross-entropy
+    (its force on ``s_L`` is ``y - softmax(s_L)``). This is *not* Laborieux et al.'s separate
+    readout layer outside the energy (which would need a parameter outside the Hopfield
+    layout); with the hard sigmoid ``s_L`` lies in ``[0, 1]``, so the logits are soft.
+
+    Args:
+      beta: the nudging strength (non-zero; negative nudges away from the target).
+      nudged_steps: the nudged phase's steps (with ``tol``: the most steps).
+      free_steps: the free phase's steps; None uses the network's ``free_steps``.
+      step_size: the relaxations' step size; None uses the network's.
+      nudging: ``"one_sided"`` or ``"symmetric"``.
+      random_sign: flip beta's sign at random each step.
+      cost: ``"squared"`` or ``"cross_entropy"`` (see above).
+      tol: stop each relaxation once ``max |dF/ds| < tol`` (None: the network's ``tol`` for
+        the free phase, fixed step counts for the nudged ones).
+
+    Returns:
+      A `LearningRule` (name ``"equilibrium_propagation"``, `EmptyState`). Its metrics:
+      ``ep_energy_free`` (free energy per example), ``ep_steps_free``, ``ep_steps_nudged``
+      (summed over the nudged phases) and ``ep_diverged`` (1 when a relaxation diverged).
+    """
+    _validate(beta, nudged_steps, nudging, cost)
+
+    def init_fn(key: PRNGKey, params: Params, network: Any = None) -> EmptyState:
+        del key, params
+        if network is not None:
+            require_hopfield(network)
+        return EmptyState()
+
+    def step_fn(params: Params, state: EmptyState, batch: Batch, key: PRNGKey,
+                context: StepContext) -> tuple[Updates, EmptyState, StepOutput]:
+        net = require_hopfield(context.network)
+        x, y = batch.x, batch.y
+        free = net.free_phase(params, x, steps=free_steps, step_size=step_size, tol=tol)
+        s_star = jax.lax.stop_gradient(free.state)
+        dtype = s_star[-1].dtype
+        b = jnp.asarray(beta, dtype)
+        if random_sign:
+            b = b * jax.random.rademacher(key, (), dtype)
+
+        def nudged(strength: Array) -> RelaxResult:
+            total = lambda s: net.energy(params, x, s) + strength * ep_cost(cost, s[-1], y)
+            return net.relax_states(total, s_star, steps=nudged_steps, step_size=step_size,
+                                    tol=tol)
+
+        g = lambda s: energy_param_grads(net, params, x, s)
+        plus = nudged(b)
+        if nudging == "symmetric":
+            minus = nudged(-b)
+            low, scale, phases = g(minus.state), 1 / (2 * b), (plus, minus)
+        else:
+            low, scale, phases = g(s_star), 1 / b, (plus,)
+        updates = jax.tree.map(lambda hi, lo: scale * (hi - lo), g(plus.state), low)
+        out = s_star[-1]
+        diverged = free.diverged
+        for p in phases:
+            diverged = diverged | p.diverged
+        metrics = {"ep_energy_free": free.energy / x.shape[0],
+                   "ep_steps_free": free.steps.astype(dtype),
+                   "ep_steps_nudged": sum(p.steps for p in phases).astype(dtype),
+                   "ep_diverged": diverged.astype(dtype)}
+        return updates, state, StepOutput(context.loss(out, y), out, metrics)
+
+    return LearningRule(init_fn, step_fn, (), "equilibrium_propagation")

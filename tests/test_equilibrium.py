@@ -1,0 +1,235 @@
+"""Equilibrium propagation (Scellier & Bengio 2017) on a layered Hopfield network: the energy and
+its gradient against NumPy references, the free phase's descent, EP's update against the gradient
+of the cost at the fixed point (implicit differentiation) with the bias orders one-sided and
+symmetric nudging predict (Laborieux et al. 2021), and training through the harness."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import assert_trees_close
+
+import fbalign as fb
+from fbalign._src.hopfield import HopfieldNetwork, hopfield
+from fbalign._src.rules.equilibrium import equilibrium_propagation
+from fbalign.rules import Batch, StepContext
+
+
+def _problem(sizes=(5, 6, 3), activation="hard_sigmoid", batch=4, scale=1.0, dtype=jnp.float32,
+             **kw):
+    net = hopfield(sizes, activation, **kw)
+    params = jax.tree.map(lambda a: a * scale, net.init(jax.random.PRNGKey(0), dtype))
+    params = [{"w": p["w"], "b": 0.1 * jnp.ones_like(p["b"])} for p in params]
+    x = jax.random.normal(jax.random.PRNGKey(1), (batch, sizes[0]), dtype)
+    y = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, sizes[-1])
+    return net, params, x, y
+
+
+def _step(rule, net, params, x, y, key=None, loss=fb.squared_error):
+    key = jax.random.PRNGKey(3) if key is None else key
+    return rule.step(params, rule.init(key, params, net), Batch(x, y), key,
+                     StepContext(net, loss))
+
+
+def _jstep(rule, net, params, x, y, key=None):
+    """The step's updates, jitted (one compile instead of op-by-op dispatch)."""
+    key = jax.random.PRNGKey(3) if key is None else key
+    return jax.jit(lambda k: _step(rule, net, params, x, y, key=k)[0])(key)
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in jax.tree.leaves(tree)])
+
+
+# -- NumPy references written from the paper's equation -------------------------------------
+
+_RHO = {"hard_sigmoid": (lambda s: np.clip(s, 0, 1), lambda s: ((s >= 0) & (s <= 1)) * 1.0),
+        "sigmoid": (lambda s: 1 / (1 + np.exp(-s)),
+                    lambda s: np.exp(-s) / (1 + np.exp(-s)) ** 2),
+        "tanh": (np.tanh, lambda s: 1 - np.tanh(s) ** 2)}
+
+
+def _np_energy_and_grad(activation, params, x, states):
+    """E = sum_b [1/2 sum_l |s_l|^2 - sum_l rho(s_{l-1}) W_l rho(s_l) - sum_l b_l rho(s_l)],
+    rho(s_0) = x; dE/ds_l = s_l - rho'(s_l) (rho(s_{l-1}) W_l + b_l + rho(s_{l+1}) W_{l+1}^T)."""
+    rho, drho = _RHO[activation]
+    w = [np.asarray(p["w"], np.float64) for p in params]
+    b = [np.asarray(p["b"], np.float64) for p in params]
+    s = [np.asarray(a, np.float64) for a in states]
+    r = [np.asarray(x, np.float64)] + [rho(a) for a in s]
+    e = 0.5 * sum((a**2).sum() for a in s)
+    for i in range(len(w)):
+        e -= np.einsum("bi,ij,bj->", r[i], w[i], r[i + 1]) + (r[i + 1] * b[i]).sum()
+    grads = []
+    for i in range(len(w)):
+        drive = r[i] @ w[i] + b[i] + (r[i + 2] @ w[i + 1].T if i + 1 < len(w) else 0)
+        grads.append(s[i] - drho(s[i]) * drive)
+    return e, grads
+
+
+@pytest.mark.parametrize("activation", ["hard_sigmoid", "sigmoid", "tanh"])
+def test_energy_and_its_state_gradient_match_a_numpy_reference(activation):
+    net, params, x, _ = _problem((5, 6, 4, 3), activation, dtype=jnp.float32)
+    keys = jax.random.split(jax.random.PRNGKey(7), 3)
+    states = [0.5 + 0.7 * jax.random.normal(k, (4, d))
+              for k, d in zip(keys, (6, 4, 3), strict=True)]
+    e, g = jax.value_and_grad(lambda s: net.energy(params, x, s))(states)
+    e_ref, g_ref = _np_energy_and_grad(activation, params, x, states)
+    np.testing.assert_allclose(float(e), e_ref, rtol=1e-5)
+    for got, want in zip(g, g_ref, strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_free_phase_descends_monotonically_to_a_fixed_point_at_the_default_step_size():
+    data = fb.data.load_dataset("digits")
+    net = hopfield((64, 32, 10))  # hard sigmoid, default step size
+    params = net.init(jax.random.PRNGKey(0))
+    x = jnp.asarray(data.x_train[:64])
+    res = net.free_phase(params, x, steps=300, record=True)
+    traj = np.asarray(res.trajectory, np.float64)
+    assert np.all(np.isfinite(traj)) and not bool(res.diverged)
+    assert np.all(np.diff(traj) <= 1e-6 * np.abs(traj).max()), np.diff(traj).max()
+    assert traj[-1] < traj[0] - 1.0
+    # the hard sigmoid's fixed point (states projected on [0, 1]): s_l = clip(drive_l, 0, 1)
+    s = [np.asarray(a, np.float64) for a in res.state]
+    w = [np.asarray(p["w"], np.float64) for p in params]
+    b = [np.asarray(p["b"], np.float64) for p in params]
+    np.testing.assert_allclose(s[0], np.clip(np.asarray(x) @ w[0] + b[0] + s[1] @ w[1].T, 0, 1),
+                               atol=1e-4)
+    np.testing.assert_allclose(s[1], np.clip(s[0] @ w[1] + b[1], 0, 1), atol=1e-4)
+    long = hopfield((64, 32, 10), free_steps=300)  # apply: the free phase's output
+    np.testing.assert_allclose(np.asarray(long.apply(params, x)), s[1], atol=1e-6)
+
+
+def test_smooth_free_phase_reaches_a_zero_gradient_fixed_point():
+    net, params, x, _ = _problem((5, 6, 3), "sigmoid", scale=2.0)
+    res = net.free_phase(params, x, steps=2000, tol=1e-5)
+    assert float(res.grad_norm) < 1e-5 and int(res.steps) < 2000
+    _, g_ref = _np_energy_and_grad("sigmoid", params, x, res.state)
+    assert max(np.abs(g).max() for g in g_ref) < 1e-5
+
+
+def _implicit_gradient(net, params, x, y, s_star):
+    """d/dtheta of C(s*(theta), y) / B with ds*/dtheta = -(d2E/ds2)^-1 d2E/ds dtheta."""
+    s_flat, unravel_s = jax.flatten_util.ravel_pytree(s_star)
+    p_flat, unravel_p = jax.flatten_util.ravel_pytree(params)
+    energy = lambda sf, pf: net.energy(unravel_p(pf), x, unravel_s(sf))
+    hess = jax.hessian(energy, 0)(s_flat, p_flat)
+    cross = jax.jacobian(jax.grad(energy, 0), 1)(s_flat, p_flat)  # (n_s, n_theta)
+    onehot = jax.nn.one_hot(y, s_star[-1].shape[-1], dtype=s_flat.dtype)
+    dc = jax.flatten_util.ravel_pytree(
+        [jnp.zeros_like(a) for a in s_star[:-1]] + [s_star[-1] - onehot])[0]
+    lam = jnp.linalg.solve(hess, dc)
+    return np.asarray(-(lam @ cross) / x.shape[0])
+
+
+def _slope(betas, biases):
+    return np.polyfit(np.log(betas), np.log(biases), 1)[0]
+
+
+def test_ep_update_tends_to_the_implicit_gradient_with_the_predicted_bias_orders():
+    with jax.enable_x64(True):
+        net, params, x, y = _problem((4, 5, 3), "sigmoid", batch=3, scale=2.0,
+                                     dtype=jnp.float64, step_size=0.5)
+        s_star = net.free_phase(params, x, steps=5000, tol=1e-13).state
+        true = _implicit_gradient(net, params, x, y, s_star)
+        betas = np.array([1e-1, 5e-2, 2.5e-2, 1.25e-2])
+        bias = {}
+        for nudging in ("one_sided", "symmetric"):
+            bias[nudging] = []
+            for beta in betas:
+                rule = equilibrium_propagation(float(beta), nudged_steps=5000, free_steps=5000,
+                                               nudging=nudging, tol=1e-13)
+                u = _flat(_jstep(rule, net, params, x, y))
+                bias[nudging].append(np.linalg.norm(u - true) / np.linalg.norm(true))
+        assert bias["symmetric"][-1] < 1e-3 and bias["one_sided"][-1] < 5e-2, bias
+        assert np.all(np.array(bias["symmetric"]) < np.array(bias["one_sided"])), bias
+        one, sym = _slope(betas, bias["one_sided"]), _slope(betas, bias["symmetric"])
+        assert 0.8 < one < 1.3, (one, bias)
+        assert 1.7 < sym < 2.4, (sym, bias)
+
+
+def test_symmetric_nudging_is_even_in_beta_and_random_sign_flips_one_sided_beta():
+    net, params, x, y = _problem((5, 6, 3), "sigmoid", scale=2.0)
+    sym = [_flat(_jstep(equilibrium_propagation(b, 30, nudging="symmetric"), net, params, x,
+                        y)) for b in (0.3, -0.3)]
+    np.testing.assert_allclose(sym[0], sym[1], rtol=1e-4, atol=1e-6)
+    rule = equilibrium_propagation(0.3, 30, random_sign=True)
+    keys = jax.random.split(jax.random.PRNGKey(11), 6)
+    batched = jax.jit(jax.vmap(lambda k: _flat_j(_step(rule, net, params, x, y, key=k)[0])))(
+        keys)
+    plus = _flat(_jstep(equilibrium_propagation(0.3, 30), net, params, x, y))
+    minus = _flat(_jstep(equilibrium_propagation(-0.3, 30), net, params, x, y))
+    signs = np.asarray(jax.vmap(lambda k: jax.random.rademacher(k, (), jnp.float32))(keys))
+    assert 0 < (signs > 0).sum() < len(signs)  # both signs occur
+    for row, sign in zip(np.asarray(batched), signs, strict=True):
+        np.testing.assert_allclose(row, plus if sign > 0 else minus, rtol=1e-4, atol=1e-6)
+    assert np.abs(plus - minus).max() > 1e-3  # one-sided's bias differs with the sign
+
+
+def _flat_j(tree):
+    return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize("cost,loss", [("squared", fb.squared_error),
+                                       ("cross_entropy", fb.cross_entropy)])
+def test_ep_matches_backprop_through_the_converged_free_phase(cost, loss):
+    net, params, x, y = _problem((5, 6, 3), "sigmoid", scale=2.0, free_steps=400)
+    bptt = _flat(jax.grad(lambda p: loss(net.apply(p, x), y))(params))
+    rule = equilibrium_propagation(1e-2, 400, nudging="symmetric", cost=cost)
+    updates, _, out = _step(rule, net, params, x, y, loss=loss)
+    np.testing.assert_allclose(_flat(updates), bptt, rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(float(out.loss), float(loss(net.apply(params, x), y)), rtol=1e-6)
+    assert set(out.metrics) == {"ep_energy_free", "ep_steps_free", "ep_steps_nudged",
+                                "ep_diverged"}
+    assert float(out.metrics["ep_steps_nudged"]) == 800 and float(out.metrics["ep_diverged"]) == 0
+
+
+def test_bad_arguments_and_networks_are_refused():
+    with pytest.raises(ValueError, match="beta must be a non-zero"):
+        equilibrium_propagation(beta=0)
+    with pytest.raises(ValueError, match="nudging"):
+        equilibrium_propagation(nudging="both")
+    with pytest.raises(ValueError, match="cost"):
+        equilibrium_propagation(cost="hinge")
+    rule = equilibrium_propagation()
+    mlp = fb.mlp((4, 3))
+    with pytest.raises(TypeError, match="equilibrium_propagation.*fbalign.models.hopfield.*MLP"):
+        fb.train.init_train_state(mlp, rule, optax.sgd(0.1), jax.random.PRNGKey(0))
+    p = mlp.init(jax.random.PRNGKey(0))
+    with pytest.raises(TypeError, match="equilibrium_propagation.*hopfield"):
+        rule.step(p, None, Batch(jnp.ones((2, 4)), jnp.zeros(2, int)), jax.random.PRNGKey(0),
+                  StepContext(mlp, fb.squared_error))
+    with pytest.raises(ValueError, match="sizes"):
+        hopfield((4,))
+    with pytest.raises(ValueError, match="unknown activation"):
+        hopfield((4, 3), "swish2")
+
+
+def test_jit_equals_eager_and_the_harness_step_trains():
+    net, params, x, y = _problem((5, 6, 3), free_steps=20)
+    rule = equilibrium_propagation(0.5, 10, nudging="symmetric", random_sign=True)
+    eager = _step(rule, net, params, x, y)
+    jitted = jax.jit(lambda p, xx, yy: _step(rule, net, p, xx, yy))(params, x, y)
+    assert_trees_close(jitted[0], eager[0], rtol=1e-5, atol=1e-6)
+    assert_trees_close(jitted[2], eager[2], rtol=1e-5, atol=1e-6)
+    assert isinstance(net, HopfieldNetwork)
+    step = fb.train.make_train_step(net, rule, optax.sgd(0.1), loss="squared_error")
+    state = fb.train.init_train_state(net, rule, optax.sgd(0.1), jax.random.PRNGKey(0))
+    state, metrics = step(state, x, y)
+    assert {"loss", "accuracy", "ep_energy_free", "ep_diverged"} <= set(metrics)
+    assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
+
+
+def test_fit_on_digits_beats_chance_by_far():
+    data = fb.data.load_dataset("digits")
+    net = hopfield((64, 64, 10), free_steps=30)
+    rule = equilibrium_propagation(beta=0.5, nudged_steps=15)
+    res = fb.train.fit(net, rule, optax.sgd(0.2), data, loss="squared_error", epochs=2,
+                       batch_size=32, progress=False)
+    rec = res.history[-1]
+    assert rec["test_error"] < 60.0, rec  # chance is 90%
+    assert rec["train_ep_diverged"] == 0.0
