@@ -181,12 +181,13 @@ def test_jit_equals_eager_and_vmap_over_seeds(fixed):
 
     keys = jax.random.split(jax.random.PRNGKey(3), 3)
     eager = run(keys[0])
-    jitted = jax.jit(run)(keys[0])
+    jrun = jax.jit(run)
+    jitted = jrun(keys[0])
     for g, w in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     batched = jax.vmap(run)(keys)
-    for i in range(3):
-        single = run(keys[i])
+    for i in range(3):  # each seed of the vmapped run is its own (jitted == eager above) run
+        single = jrun(keys[i])
         for g, w in zip(jax.tree.leaves(batched), jax.tree.leaves(single), strict=True):
             np.testing.assert_allclose(g[i], w, rtol=1e-4, atol=1e-6)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -245,3 +246,30 @@ def test_metrics_jsonl_is_strict_json_even_with_nan_probes(small, tmp_path):
             for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     probes = [r for r in recs if r["kind"] == "probe"]
     assert probes and all(r["nan_metric"] is None and r["ok"] == 1.0 for r in probes)
+
+
+@pytest.mark.parametrize("flag,value,msg", [
+    ("--lr", "nan", r"expected a positive float \(finite\)"),
+    ("--lr", "inf", r"expected a positive float \(finite\)"),
+    ("--momentum", "-1", r"expected a finite float in \[0, 1\)"),
+    ("--momentum", "nan", r"expected a finite float in \[0, 1\)"),
+    ("--weight-decay", "-5", r"expected a finite float in \[0, inf\)"),
+    ("--feedback-scale", "0", "expected a positive float"),
+    ("--feedback-scale", "-1", "expected a positive float"),
+    ("--feedback-scale", "nan", "expected a positive float"),
+    ("--seed", str(10**20), r"expected a finite int in \[0, 4294967296\)"),
+    ("--seed", "-3", r"expected a finite int in \[0, 4294967296\)"),
+    ("--hidden", "", "--hidden is empty"),
+])
+def test_numeric_options_out_of_range_are_refused_by_the_parser(flag, value, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", f"{flag}={value}"])
+    assert e.value.code == 2
+    assert re.search(msg, capsys.readouterr().err)
+
+
+def test_lenet5_refuses_hidden_instead_of_ignoring_it(capsys, tmp_path):
+    assert main(["train", "--model", "lenet5", "--hidden", "5", "--out",
+                 str(tmp_path / "run")]) == 2
+    assert "drop --hidden" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

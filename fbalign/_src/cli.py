@@ -41,8 +41,11 @@ def _names(kind: str, valid: Sequence[str]) -> Callable[[str], str]:
 
 
 def _hidden(value: str) -> tuple[int, ...]:
-    if value.strip() in ("", "none"):
+    if value.strip() == "none":
         return ()
+    if not value.strip():
+        raise argparse.ArgumentTypeError("--hidden is empty; give widths such as 800,800, or "
+                                         "none for no hidden layer")
     try:
         sizes = tuple(int(v) for v in value.split(","))
     except ValueError:
@@ -55,14 +58,29 @@ def _hidden(value: str) -> tuple[int, ...]:
 
 
 def _positive(kind: type):
+    return _number(kind, low=0, low_open=True)
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, *,
+            low_open: bool = False, high_open: bool = False):
+    """An argparse type: a finite ``kind`` in ``[low, high]`` (ends open as asked); NaN, inf
+    and values outside are refused with the range named."""
+    lo = "" if low is None else f"{'(' if low_open else '['}{low}"
+    hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+    what = f"a finite {kind.__name__}" + (f" in {lo or '(-inf'}, {hi or 'inf)'}"
+                                          if low is not None or high is not None else "")
+    if low == 0 and low_open and high is None:
+        what = f"a positive {kind.__name__}" + (" (finite)" if kind is float else "")
+
     def check(value: str):
         try:
             v = kind(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got "
-                                             f"{value!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        bad = not math.isfinite(v) or (low is not None and (v < low or (low_open and v == low)))
+        bad = bad or (high is not None and (v > high or (high_open and v == high)))
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
         return v
 
     return check
@@ -159,13 +177,13 @@ def _add_train_args(p: argparse.ArgumentParser, rule: bool = True) -> None:
                    help=f"{', '.join(OPTIMIZERS)} (default adam)")
     p.add_argument("--lr", type=_positive(float), default=1e-3,
                    help="learning rate (default 1e-3)")
-    p.add_argument("--momentum", type=float, default=0.0, help="momentum for sgd/rmsprop")
-    p.add_argument("--weight-decay", type=float, default=0.0,
+    p.add_argument("--momentum", type=_number(float, 0, 1, high_open=True), default=0.0, help="momentum for sgd/rmsprop")
+    p.add_argument("--weight-decay", type=_number(float, 0), default=0.0,
                    help="decoupled weight decay on params (never on feedback)")
     p.add_argument("--feedback-init", default="gaussian",
                    type=_names("feedback init", ["gaussian", "uniform", "orthogonal"]),
                    help="feedback matrix distribution for fa/dfa (default gaussian)")
-    p.add_argument("--feedback-scale", type=float, default=None,
+    p.add_argument("--feedback-scale", type=_positive(float), default=None,
                    help="std/limit/gain of the feedback init (default: variance-preserving)")
     p.add_argument("--form", choices=("explicit", "grad"), default="explicit",
                    help="explicit: rule.update on the recorded tape; grad: jax.grad through "
@@ -177,7 +195,7 @@ def _add_train_args(p: argparse.ArgumentParser, rule: bool = True) -> None:
                         "default), unit ([0, 1]) or none (raw)")
     p.add_argument("--data-dir", default=None,
                    help=f"directory holding mnist.npz (overrides ${DATA_ENV})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_number(int, 0, 2**32, high_open=True), default=0, help="seed")
     p.add_argument("--seeds", type=_positive(int), default=1,
                    help="train K networks (seeds seed..seed+K-1) at once in one jitted "
                         "program; reports per-seed results and mean/std (default 1)")
@@ -525,6 +543,9 @@ def _load_train_data(args):
     if args.model == "lenet5" and args.form == "explicit":
         _check_explicit_on_lenet(args.rule, _rule_kwargs(args))
     _check_rule_model(args.rule, args.model)
+    if args.model == "lenet5" and "hidden" in (getattr(args, "given_options", None) or ()):
+        raise UsageError("--model lenet5 has fixed layers (conv6-conv16-fc120-fc84); drop "
+                         "--hidden")
     if args.model == "rnn":
         from fbalign._src.recurrent import RNN_RULES
 
