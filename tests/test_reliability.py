@@ -101,6 +101,33 @@ def test_skip_drops_bad_updates_and_logs_them(diverging, tmp_path):
     assert recs[-1]["kind"] == "epoch" and C.load_checkpoint(tmp_path / "checkpoints").step == 16
 
 
+def test_skip_stops_after_max_skips_updates_in_a_row(diverging, tmp_path):
+    data, m = diverging
+    with pytest.warns(RuntimeWarning), pytest.raises(
+            fb.train.NonFiniteError, match=r"4 updates in a row \(steps 3-6\) had NaN or Inf.*"
+                                           r"max_skips=3"):
+        fit(m, "fa", optax.sgd(1e4), data, loss="squared_error", epochs=1, batch_size=32,
+            log_every=8, progress=False, out_dir=tmp_path, on_nonfinite="skip",
+            checkpoint_every=0, max_skips=3)
+    with pytest.raises(ValueError, match="max_skips must be an integer >= 0"):
+        fit(m, "fa", optax.sgd(0.1), data, epochs=1, progress=False, max_skips=-1)
+
+
+def test_summary_json_is_strict_json_even_with_a_nan_test_loss(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--dataset", "linear", "--activation", "relu", "--hidden", "16",
+                 "--optimizer", "sgd", "--lr", "1e4", "--epochs", "1", "--on-nonfinite", "skip",
+                 "--max-skips", "100000", "--out", str(out), "--no-progress"])
+    assert code == 0
+    text = (out / "summary.json").read_text()
+
+    def refuse(name):
+        raise AssertionError(f"summary.json holds a bare {name}")
+
+    summary = json.loads(text, parse_constant=refuse)
+    assert "test_loss" in summary
+
+
 def test_cli_divergence_exits_3_naming_step_layer_and_lr(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", "--dataset", "linear", "--activation", "relu", "--hidden", "16",

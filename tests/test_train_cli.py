@@ -249,8 +249,8 @@ def test_metrics_jsonl_is_strict_json_even_with_nan_probes(small, tmp_path):
 
 
 @pytest.mark.parametrize("flag,value,msg", [
-    ("--lr", "nan", r"expected a positive float \(finite\)"),
-    ("--lr", "inf", r"expected a positive float \(finite\)"),
+    ("--lr", "nan", "expected a positive float, got"),
+    ("--lr", "inf", "expected a positive float, got"),
     ("--momentum", "-1", r"expected a finite float in \[0, 1\)"),
     ("--momentum", "nan", r"expected a finite float in \[0, 1\)"),
     ("--weight-decay", "-5", r"expected a finite float in \[0, inf\)"),
@@ -273,3 +273,19 @@ def test_lenet5_refuses_hidden_instead_of_ignoring_it(capsys, tmp_path):
                  str(tmp_path / "run")]) == 2
     assert "drop --hidden" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--dataset", "linear", "--val-fraction", "0.1"], "the linear task has no validation split"),
+    (["--dataset", "linear", "--loss", "cross_entropy"], "use --loss squared_error"),
+    (["--dataset", "teacher", "--loss", "cross_entropy"], None),  # teacher classifies: fine
+])
+def test_dataset_and_loss_combinations_that_make_no_sense_are_refused(argv, msg, capsys, tmp_path):
+    out = tmp_path / "run"
+    code = main(["train", *argv, "--epochs", "1", "--hidden", "8", "--no-progress", "--out",
+                 str(out)])
+    if msg is None:
+        assert code == 0
+        return
+    assert code == 2 and msg in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written

@@ -70,7 +70,7 @@ def _number(kind: type, low: float | None = None, high: float | None = None, *,
     what = f"a finite {kind.__name__}" + (f" in {lo or '(-inf'}, {hi or 'inf)'}"
                                           if low is not None or high is not None else "")
     if low == 0 and low_open and high is None:
-        what = f"a positive {kind.__name__}" + (" (finite)" if kind is float else "")
+        what = f"a positive {kind.__name__}"
 
     def check(value: str):
         try:
@@ -243,10 +243,13 @@ def _add_reliability_args(p: argparse.ArgumentParser) -> None:
                    help="when a step yields NaN/Inf (checked on device, read once per chunk): "
                         "stop with a message naming the step and layer, keeping the last good "
                         "checkpoint (default), or skip: drop such updates and warn")
+    p.add_argument("--max-skips", type=_non_negative_int, default=100, metavar="N",
+                   help="with --on-nonfinite skip: stop once more than N updates in a row were "
+                        "skipped (default 100)")
 
 
 # Options a resumed run may change: neither alters the steps already taken or the data order.
-_RESUME_MAY_CHANGE = ("epochs", "on_nonfinite")
+_RESUME_MAY_CHANGE = ("epochs", "on_nonfinite", "max_skips")
 _RUN_LOCAL = ("resume", "overwrite", "no_progress", "out", "func", "given_options",
               "devices", "coordinator", "num_processes", "process_id")  # where, not what
 
@@ -553,7 +556,14 @@ def _load_train_data(args):
             raise UsageError(f"--model rnn trains with --rule {', '.join(RNN_RULES)}; "
                              f"{args.rule!r} needs a layered feedforward network (--model mlp "
                              "or lenet5)")
-    data = load_dataset(args.dataset, val_fraction=args.val_fraction, seed=args.seed, **kwargs)
+    try:
+        data = load_dataset(args.dataset, val_fraction=args.val_fraction, seed=args.seed,
+                            **kwargs)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.loss == "cross_entropy" and not data.num_classes:
+        raise UsageError(f"--loss cross_entropy needs class labels, but {data.name} is a "
+                         "regression task (real-valued targets); use --loss squared_error")
     if args.batch_size > len(data.x_train):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the training set "
                          f"({len(data.x_train)} examples of {data.name}); use --batch-size <= "
@@ -601,6 +611,7 @@ def _fit_options(args, loss: str, out: Path | None, probe, devices: int | None, 
         "ensemble_impl": getattr(args, "ensemble_impl", "auto"),
         "checkpoint_every": getattr(args, "checkpoint_every", None), "resume": resuming,
         "on_nonfinite": getattr(args, "on_nonfinite", "stop"),
+        "max_skips": getattr(args, "max_skips", 100),
     }
     if not primary:  # only process 0 writes checkpoints (the others join in gathering the
         # state); on --resume every process reads them, so the run directory must be shared
@@ -613,10 +624,13 @@ def _report(args, last: dict[str, Any], wall: float, out: Path | None, primary: 
     (or loss), per seed for an ensemble."""
     import jax
 
+    from fbalign._src.train import json_safe
+
     summary = {k: v for k, v in last.items()}
     summary["wall_time_s"] = wall
-    if primary:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if primary:  # strict JSON: NaN/Inf become null
+        (out / "summary.json").write_text(
+            json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
     key = "test_error" if "test_error" in last else "test_loss"
     if args.seeds > 1:
         per_seed = ", ".join(f"{v:.4g}" for v in last[key])

@@ -353,5 +353,9 @@ def load_dataset(name: str, *, val_fraction: float = 0.0, seed: int = 0, **kwarg
     if name == "teacher":
         return load_teacher(seed=seed, val_fraction=val_fraction, **kwargs)
     if name == "linear":
+        if val_fraction:
+            raise ValueError(f"the linear task has no validation split (val_fraction="
+                             f"{val_fraction}); it draws its own train and test sets: drop "
+                             "val_fraction (--val-fraction)")
         return linear_task(seed=seed, **kwargs)
     raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")

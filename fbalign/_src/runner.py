@@ -15,7 +15,8 @@ Array = jax.Array
 
 def reduce_chunk(ms: dict[str, Array]) -> dict[str, Array]:
     """Means over the chunk's steps; ``nonfinite`` flags become the number of bad steps, the
-    index of the first one in the chunk, and which leaves were bad there."""
+    index of the first one in the chunk, which leaves were bad there, and the per-step flags
+    (``nonfinite_per_step``, for the host's count of consecutive skips)."""
     ms = dict(ms)
     bad = ms.pop("nonfinite", None)
     out = jax.tree.map(lambda a: jnp.mean(a, axis=0), ms)
@@ -24,7 +25,7 @@ def reduce_chunk(ms: dict[str, Array]) -> dict[str, Array]:
         per_step = jnp.any(bad, axis=(1, 2))
         first = jnp.argmax(per_step)
         out.update(nonfinite_steps=jnp.sum(per_step), nonfinite_first=first,
-                   nonfinite_leaves=jnp.any(bad[first], axis=0))
+                   nonfinite_leaves=jnp.any(bad[first], axis=0), nonfinite_per_step=per_step)
     return out
 
 

@@ -306,14 +306,14 @@ class FitResult(NamedTuple):
     history: list[dict[str, Any]]
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """NaN/Inf become ``null`` so that ``metrics.jsonl`` is strict JSON for every reader."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -347,6 +347,7 @@ def fit(
     on_nonfinite: str | None = "stop",
     devices: int | None = None,
     ensemble_impl: str = "auto",
+    max_skips: int = 100,
 ) -> FitResult:
     """Trains ``model`` with ``rule`` for ``epochs`` epochs, evaluating after each.
 
@@ -380,7 +381,8 @@ def fit(
       on_nonfinite: ``"stop"`` (default): steps flag NaN/Inf on device, checked once per chunk;
         a flag raises `NonFiniteError` naming the step and the first offending leaf (no
         checkpoint of the bad state is written). ``"skip"``: drop such updates (warning and a
-        ``"kind": "nonfinite"`` record). None: no check.
+        ``"kind": "nonfinite"`` record); more than ``max_skips`` skipped steps in a row raise
+        `NonFiniteError` (the run is not recovering). None: no check.
       devices: train data-parallel over this many devices (`fbalign.distributed`): each
         global batch is split evenly over them (``batch_size`` must divide), updates are
         averaged, and the result equals the single-device run up to float reassociation. With
@@ -391,7 +393,8 @@ def fit(
     ckpt_dir = _check_fit_args(
         data, epochs=epochs, batch_size=batch_size, log_every=log_every, seeds=seeds,
         on_nonfinite=on_nonfinite, checkpoint_every=checkpoint_every,
-        checkpoint_dir=checkpoint_dir, out_dir=out_dir, resume=resume, state=state)
+        checkpoint_dir=checkpoint_dir, out_dir=out_dir, resume=resume, state=state,
+        max_skips=max_skips)
     impl = resolve_ensemble_impl(ensemble_impl, model)
     rule, form = _fit_rule(model, rule, form, rule_kwargs, seeds)
     program = _build_program(
@@ -411,7 +414,7 @@ def fit(
                                program.host_params)
     guard = _NonFiniteGuard(on_nonfinite,
                             nonfinite_leaf_names(start.state.params, start.state.rule_state),
-                            checkpoints, log)
+                            checkpoints, log, max_skips)
     per_epoch = program.steps_per_epoch
     bar = _Progress(progress, epochs * per_epoch, start.epoch * per_epoch + start.done,
                     f"{data.name}" + (f" x{seeds} seeds" if seeding.ensemble else ""))
@@ -426,7 +429,8 @@ def fit(
 
 
 def _check_fit_args(data: Dataset, *, epochs, batch_size, log_every, seeds, on_nonfinite,
-                    checkpoint_every, checkpoint_dir, out_dir, resume, state) -> Path | None:
+                    checkpoint_every, checkpoint_dir, out_dir, resume, state,
+                    max_skips) -> Path | None:
     """`fit`'s checks of its arguments (a ValueError naming the bad one); returns the
     checkpoint directory (None without ``out_dir`` and ``checkpoint_dir``)."""
     if epochs < 0:
@@ -444,6 +448,8 @@ def _check_fit_args(data: Dataset, *, epochs, batch_size, log_every, seeds, on_n
     if on_nonfinite is not None and on_nonfinite not in NONFINITE_MODES:
         raise ValueError(f"unknown on_nonfinite {on_nonfinite!r}; valid: None, "
                          f"{', '.join(NONFINITE_MODES)}")
+    if not isinstance(max_skips, int) or isinstance(max_skips, bool) or max_skips < 0:
+        raise ValueError(f"max_skips must be an integer >= 0, got {max_skips!r}")
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
                                          or checkpoint_every < 0):
         raise ValueError(f"checkpoint_every must be None or an integer >= 0, got "
@@ -622,7 +628,7 @@ class _RunLog:
 
     def write(self, rec: dict[str, Any]) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(_json_safe(rec), allow_nan=False) + "\n")
+            self._file.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
             self._file.flush()
             self.records += 1
 
@@ -707,14 +713,16 @@ class _NonFiniteGuard:
     gives a warning and a ``"kind": "nonfinite"`` record."""
 
     def __init__(self, mode: str | None, leaf_names: list[str], checkpoints: _Checkpoints,
-                 log: _RunLog):
+                 log: _RunLog, max_skips: int = 100):
         self.mode, self.leaf_names, self.checkpoints, self.log = mode, leaf_names, checkpoints, log
+        self.max_skips, self.run = max_skips, 0  # run: the current streak of skipped steps
 
     def check(self, m: dict[str, Any], before: int, after: int, epoch: int) -> None:
         """Takes the ``nonfinite_*`` entries out of ``m``, the metrics of steps
         ``before+1..after``, and acts on them."""
         nf = {k: m.pop(k) for k in list(m) if k.startswith("nonfinite_")}
         if not nf or int(nf["nonfinite_steps"]) == 0:
+            self.run = 0
             return
         at = before + int(nf["nonfinite_first"]) + 1
         bad = [self.leaf_names[i] for i in np.flatnonzero(nf["nonfinite_leaves"])]
@@ -727,6 +735,7 @@ class _NonFiniteGuard:
                           stacklevel=6)  # check <- _chunk <- _epoch <- run <- fit <- caller
             self.log.write({"kind": "nonfinite", "epoch": epoch + 1, "step": at,
                             "skipped": count, "first": bad[0]})
+            self._count_streak(np.asarray(nf["nonfinite_per_step"]), before, where)
             return
         saved = self.checkpoints.saved
         kept = (f" The last good checkpoint (step {saved[-1]}) in {self.checkpoints.directory} "
@@ -735,6 +744,20 @@ class _NonFiniteGuard:
             f"non-finite values (NaN or Inf) at step {at} (epoch {epoch + 1}), first in {where}; "
             f"training stopped.{kept} Lower the learning rate, or drop such updates with "
             "on_nonfinite='skip' (fbalign train --on-nonfinite skip).", step=at, leaf=bad[0])
+
+
+    def _count_streak(self, per_step: np.ndarray, before: int, where: str) -> None:
+        """Stops the run once more than ``max_skips`` steps in a row were skipped: a run whose
+        every update is NaN/Inf is not recovering, and would end with a NaN test loss."""
+        for i, bad in enumerate(per_step.reshape(-1)):
+            self.run = self.run + 1 if bad else 0
+            if self.run > self.max_skips:
+                at = before + i + 1
+                raise NonFiniteError(
+                    f"{self.run} updates in a row (steps {at - self.run + 1}-{at}) had NaN or "
+                    f"Inf, first in {where}, and were skipped: the run is not recovering, so "
+                    f"training stopped (max_skips={self.max_skips}). Lower the learning rate, or "
+                    "raise max_skips (--max-skips).", step=at, leaf=where.split(" ")[0])
 
 
 class _Progress:
