@@ -203,3 +203,20 @@ from fbalign._src.rules.predictive_coding import predictive_coding  # noqa: E402
 
 __all__ += ["HopfieldNetwork", "activation_relaxation", "equilibrium_propagation", "hopfield",
             "predictive_coding", "relax"]
+
+# Target propagation (issue 14), local objectives (issue 15), auxiliary-variable and
+# gradient-free training and sign-based optimizers (issue 16).
+from fbalign import optimizers  # noqa: E402
+from fbalign._src.rules.admm import admm  # noqa: E402
+from fbalign._src.rules.altmin import alternating_minimization  # noqa: E402
+from fbalign._src.rules.evolution import evolution_strategy  # noqa: E402
+from fbalign._src.rules.forward_forward import forward_forward  # noqa: E402
+from fbalign._src.rules.hsic import hsic_bottleneck  # noqa: E402
+from fbalign._src.rules.local_forward_gradient import local_forward_gradient  # noqa: E402
+from fbalign._src.rules.local_losses import local_error_signals  # noqa: E402
+from fbalign._src.rules.pepita import pepita  # noqa: E402
+from fbalign._src.rules.target_propagation import ddtp, drl, dtp, ldrl, tp  # noqa: E402
+
+__all__ += ["admm", "alternating_minimization", "ddtp", "drl", "dtp", "evolution_strategy",
+            "forward_forward", "hsic_bottleneck", "ldrl", "local_error_signals",
+            "local_forward_gradient", "optimizers", "pepita", "tp"]

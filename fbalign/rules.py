@@ -225,3 +225,77 @@ __all__ += [
     "usf",
     "weight_mirror",
 ]
+
+# Target propagation (issue 14), local objectives (issue 15), auxiliary-variable and
+# gradient-free training (issue 16).
+from fbalign._src.rules.admm import ADMMState, admm, binary_hinge  # noqa: E402
+from fbalign._src.rules.altmin import AltMinState, alternating_minimization  # noqa: E402
+from fbalign._src.rules.evolution import (  # noqa: E402
+    EvolutionState,
+    evolution_strategy,
+    population_fitness,
+)
+from fbalign._src.rules.forward_forward import (  # noqa: E402
+    forward_forward,
+    forward_forward_goodness,
+    forward_forward_predict,
+)
+from fbalign._src.rules.hsic import (  # noqa: E402
+    gaussian_kernel,
+    hsic,
+    hsic_bottleneck,
+    linear_kernel,
+    normalized_hsic,
+)
+from fbalign._src.rules.local_forward_gradient import (  # noqa: E402
+    LocalForwardGradientState,
+    activity_forward_gradient,
+    local_forward_gradient,
+)
+from fbalign._src.rules.local_losses import (  # noqa: E402
+    LocalLossState,
+    local_error_signals,
+    similarity_matrix,
+)
+from fbalign._src.rules.pepita import PepitaState, pepita  # noqa: E402
+from fbalign._src.rules.target_propagation import (  # noqa: E402
+    TargetPropState,
+    ddtp,
+    drl,
+    dtp,
+    ldrl,
+    tp,
+)
+
+__all__ += [
+    "ADMMState",
+    "AltMinState",
+    "EvolutionState",
+    "LocalForwardGradientState",
+    "LocalLossState",
+    "PepitaState",
+    "TargetPropState",
+    "activity_forward_gradient",
+    "gaussian_kernel",
+    "hsic",
+    "hsic_bottleneck",
+    "linear_kernel",
+    "local_forward_gradient",
+    "normalized_hsic",
+    "pepita",
+    "admm",
+    "alternating_minimization",
+    "binary_hinge",
+    "ddtp",
+    "drl",
+    "dtp",
+    "evolution_strategy",
+    "forward_forward",
+    "forward_forward_goodness",
+    "forward_forward_predict",
+    "ldrl",
+    "local_error_signals",
+    "population_fitness",
+    "similarity_matrix",
+    "tp",
+]

@@ -289,3 +289,60 @@ def test_dataset_and_loss_combinations_that_make_no_sense_are_refused(argv, msg,
         return
     assert code == 2 and msg in capsys.readouterr().err
     assert not out.exists()  # refused before anything was written
+
+
+def test_admm_run_gets_its_defaults_said_and_saved_and_a_probe_with_indices(tmp_path, capsys):
+    """--rule admm without options: ReLU, squared error, sgd(1.0), the whole training set as one
+    batch, warm_start and num_examples; each said once on stderr and kept in config.json. The
+    alignment probe passes the probe examples' indices (ADMM refuses a batch without them)."""
+    out = tmp_path / "admm"
+    assert main(["train", "--rule", "admm", "--dataset", "digits", "--hidden", "32", "--epochs",
+                 "12", "--out", str(out), "--no-progress", "--log-alignment-every", "4"]) == 0
+    err = capsys.readouterr().err
+    assert ("--rule admm defaults to --activation relu --loss squared_error --optimizer sgd "
+            "--lr 1") in err
+    assert "--rule-arg warm_start=10 --batch-size 1438 (the whole training set)" in err
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["activation"], cfg["optimizer"], cfg["lr"], cfg["batch_size"]) == (
+        "relu", "sgd", 1.0, 1438)
+    assert cfg["rule_args"] == {"num_examples": 1438, "warm_start": 10}
+    recs = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "probe" for r in recs)
+    assert recs[-1]["test_error"] < 30  # closed-form solves on the full batch: ~5% (chance 90%)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    # an option the rule cannot work with, given explicitly, is refused by the rule by name
+    (["--rule", "admm", "--activation", "tanh"], "ReLU only; the network has activation='tanh'"),
+    (["--rule", "ff", "--hidden", "16"], "scores labels by all but the first hidden layer"),
+    (["--rule", "ff", "--activation", "tanh", "--hidden", "8,8"], "ReLU"),
+])
+def test_rules_refuse_networks_they_cannot_train_before_the_run(argv, msg, capsys, tmp_path):
+    code = main(["train", "--dataset", "digits", "--no-progress", "--out",
+                 str(tmp_path / "run"), *argv])
+    assert code == 2
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_sign_optimizers_from_the_cli_are_fbalign_s():
+    """--optimizer rprop/signsgd/signum: the first two RProp steps on a constant gradient are
+    lr and lr * 1.2 (optax 0.2.8's rprop would give 0 first); signsgd is -lr sign(g); signum
+    with --momentum 0 keeps its 0.9 (0.9 * m + 0.1 * g, then the sign)."""
+    from fbalign._src.cli import make_optimizer
+
+    g = {"w": jnp.array([2.0, -3.0])}
+    rp = make_optimizer("rprop", 0.1)
+    st = rp.init(g)
+    steps = []
+    for _ in range(2):
+        u, st = rp.update(g, st)
+        steps.append(np.asarray(u["w"]))
+    np.testing.assert_allclose(steps, [[-0.1, 0.1], [-0.12, 0.12]], rtol=1e-6)
+    sg = make_optimizer("signsgd", 0.5)
+    np.testing.assert_allclose(sg.update(g, sg.init(g))[0]["w"], [-0.5, 0.5])
+    sm = make_optimizer("signum", 0.5)
+    st = sm.init(g)
+    _, st = sm.update(g, st)
+    u, _ = sm.update({"w": jnp.array([-1.0, 1.0])}, st)  # 0.09*g + 0.1*(-1, 1) keeps g's sign
+    np.testing.assert_allclose(u["w"], [-0.5, 0.5])

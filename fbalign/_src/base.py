@@ -277,6 +277,10 @@ class LearningRule(NamedTuple):
         (``("forward",)`` for rules that read a recorded `Tape`). The harness checks them once
         (`check_network`) and names the rule and what is missing.
       name: a short name for messages.
+      predict: ``predict(network, params, x) -> scores``, ``(batch, n_out)``, for rules whose
+        network answers otherwise than by ``network.apply(params, x)`` (forward-forward: the
+        label of highest goodness). Evaluation in `fbalign.train.fit` and `evaluate` uses it;
+        None means ``network.apply``.
     """
 
     init: Callable[[PRNGKey, Params, Any], RuleState]
@@ -284,6 +288,7 @@ class LearningRule(NamedTuple):
                    tuple[Updates, RuleState, StepOutput]]
     requires: tuple[str, ...] = ()
     name: str = "rule"
+    predict: Callable[[Any, Params, Array], Array] | None = None
 
 
 def check_network(rule: LearningRule, network: Any) -> None:

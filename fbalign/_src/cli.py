@@ -22,10 +22,25 @@ from fbalign._src.rule_args import (
     rule_options,
 )
 
-OPTIMIZERS = ("sgd", "adam", "rmsprop")
+OPTIMIZERS = ("sgd", "adam", "rmsprop", "rprop", "signsgd", "signum")
 MODELS = ("mlp", "lenet5", "rnn", "hopfield")
 # Rules that need one kind of network, and the rules a network other than an MLP trains with.
-_RULE_MODELS = {"ep": ("hopfield",), "pc": ("mlp",), "ar": ("mlp",)}
+_RULE_MODELS = {"ep": ("hopfield",), "pc": ("mlp",), "ar": ("mlp",),
+                **{r: ("mlp",) for r in ("tp", "dtp", "drl", "ddtp", "ldrl", "lsig", "ff",
+                                         "hsic", "pepita", "lfg", "altmin", "admm")}}
+# What a rule needs of the run where the command line does not say: option -> value.
+# - forward-forward's goodness is stated for ReLU layers, as are the HSIC bottleneck's nets;
+# - PEPITA: ReLU, SGD with lr 0.01 and momentum 0.9 (the paper's);
+# - ADMM's closed-form solves: ReLU hidden layers, a squared-error output, and the weight solve
+#   applied as is (sgd with lr 1: the update is params - W_solved);
+# - evolution strategies take Adam steps of 1e-2 (Salimans et al. 2017).
+_RULE_DEFAULTS = {
+    "ff": {"activation": "relu"},
+    "hsic": {"activation": "relu"},
+    "pepita": {"activation": "relu", "optimizer": "sgd", "lr": 0.01, "momentum": 0.9},
+    "admm": {"activation": "relu", "loss": "squared_error", "optimizer": "sgd", "lr": 1.0},
+    "es": {"lr": 1e-2},
+}
 _HOPFIELD_RULES = ("ep", "bp", "fg")
 
 
@@ -96,6 +111,15 @@ def make_optimizer(name: str, lr: float, momentum: float = 0.0, weight_decay: fl
         base = optax.adam(lr)
     elif name == "rmsprop":
         base = optax.rmsprop(lr, momentum=momentum)
+    elif name in ("rprop", "signsgd", "signum"):
+        from fbalign._src import optimizers
+
+        if name == "rprop":
+            base = optimizers.rprop(lr)
+        elif name == "signsgd":
+            base = optimizers.signsgd(lr)
+        else:  # momentum 0 (the flag's default) means the paper's 0.9; 0 would be signSGD
+            base = optimizers.signum(lr, momentum=momentum or 0.9)
     else:
         raise UsageError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
     if weight_decay:
@@ -175,9 +199,9 @@ def _add_train_args(p: argparse.ArgumentParser, rule: bool = True) -> None:
                    help="minibatch size (default 64)")
     p.add_argument("--optimizer", type=_names("optimizer", OPTIMIZERS), default="adam",
                    help=f"{', '.join(OPTIMIZERS)} (default adam)")
-    p.add_argument("--lr", type=_positive(float), default=1e-3,
-                   help="learning rate (default 1e-3)")
-    p.add_argument("--momentum", type=_number(float, 0, 1, high_open=True), default=0.0, help="momentum for sgd/rmsprop")
+    p.add_argument("--lr", type=_positive(float), default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--momentum", type=_number(float, 0, 1, high_open=True), default=0.0,
+                   help="momentum for sgd/rmsprop/signum (signum: 0 means its default 0.9)")
     p.add_argument("--weight-decay", type=_number(float, 0), default=0.0,
                    help="decoupled weight decay on params (never on feedback)")
     p.add_argument("--feedback-init", default="gaussian",
@@ -500,6 +524,7 @@ def cmd_train(args) -> int:
         args = _resume_args(args)
     else:
         _set_rule_args(args)
+        _apply_rule_defaults(args)
     devices = _check_devices(args)
     primary = jax.process_index() == 0  # only process 0 writes the run directory
     data = _load_train_data(args)
@@ -511,6 +536,9 @@ def cmd_train(args) -> int:
     model = build_model(args.model, data.input_dim, data.output_dim, args.hidden, activation,
                         args.output_activation)
     optimizer = make_optimizer(args.optimizer, args.lr, args.momentum, args.weight_decay)
+    if args.rule == "admm" and not resuming:
+        _admm_run_defaults(args, len(data.x_train))
+    _check_rule_init(args, model)
     out = (Path(args.out) if resuming else prepare_out(args)) if primary else None
     if not resuming and primary:  # a resumed run keeps the config it was started with
         _write_config(args, out, loss, data)
@@ -571,6 +599,53 @@ def _load_train_data(args):
     return data
 
 
+def _admm_run_defaults(args, n_train: int) -> None:
+    """ADMM's per-example variables need one row per training example (``num_examples``). Unless
+    given: the whole training set as one batch (Taylor et al.'s setting; minibatches of a few
+    hundred stall, measured on digits) and ``warm_start=10`` steps before the multiplier moves
+    (from a random network, multiplier updates from step 0 stall; see `fbalign.rules.admm`)."""
+    args.rule_args.setdefault("num_examples", n_train)
+    chosen = []
+    if "warm_start" not in args.rule_args:
+        args.rule_args["warm_start"] = 10
+        chosen.append("--rule-arg warm_start=10")
+    if "batch_size" not in (getattr(args, "given_options", None) or ()):
+        args.batch_size = n_train
+        chosen.append(f"--batch-size {n_train} (the whole training set)")
+    if chosen:
+        print(f"fbalign: --rule admm defaults to {' '.join(chosen)}", file=sys.stderr)
+
+
+def _check_rule_init(args, model) -> None:
+    """A usage error, before the run directory is made, when the rule refuses this network or
+    these options (its ``init``, traced once on the network's shapes; nothing computed)."""
+    import jax
+
+    from fbalign._src.lift import as_learning_rule
+
+    form = "grad" if args.model == "rnn" else args.form
+    try:
+        rule = as_learning_rule(args.rule, form, _rule_kwargs(args), model)
+        jax.eval_shape(lambda k: rule.init(k, model.init(k), model), jax.random.PRNGKey(0))
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"--rule {args.rule} on this --model {args.model}: {err}") from None
+
+
+def _apply_rule_defaults(args) -> None:
+    """Sets the options a rule needs (`_RULE_DEFAULTS`) that the command line left out, and says
+    so once on stderr; an option given explicitly is kept (the rule then refuses it by name if it
+    cannot work with it)."""
+    given = getattr(args, "given_options", None) or set()
+    chosen = {k: v for k, v in _RULE_DEFAULTS.get(args.rule, {}).items() if k not in given}
+    for k, v in chosen.items():
+        setattr(args, k, v)
+    if chosen:
+        flags = " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else
+                         f"--{k.replace('_', '-')} {v}" for k, v in chosen.items())
+        print(f"fbalign: --rule {args.rule} defaults to {flags} (give an option to override)",
+              file=sys.stderr)
+
+
 def _write_config(args, out: Path, loss: str, data) -> None:
     """``out/config.json``: the run's options (what ``--resume`` reads back) and where it ran."""
     import jax
@@ -594,7 +669,7 @@ def _alignment_probe(args, model, loss: str, data):
 
     k = min(len(data.x_train), 256)
     return make_alignment_probe(model, args.rule, loss, data.x_train[:k], data.y_train[:k],
-                                rule_kwargs=_rule_kwargs(args))
+                                rule_kwargs=_rule_kwargs(args), index=list(range(k)))
 
 
 def _fit_options(args, loss: str, out: Path | None, probe, devices: int | None, resuming: bool,

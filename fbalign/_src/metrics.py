@@ -305,6 +305,7 @@ def make_alignment_probe(
     kind: str | None = "auto",
     rule_kwargs: dict | None = None,
     jit: bool = True,
+    index: Array | None = None,
 ) -> Callable[[Any], dict[str, Array]]:
     """Builds ``probe_fn(state) -> dict`` of alignment metrics on the fixed batch ``(x, y)``.
 
@@ -330,6 +331,8 @@ def make_alignment_probe(
       kind: ``"fa"``, ``"sign"``, ``"dfa"``, None (no feedback metrics) or ``"auto"``
         (`feedback_kind`).
       jit: compile the probe.
+      index: the probe examples' positions in the training set (`Batch.index`), for rules that
+        keep per-example state (ADMM); their rows are read, never written.
     """
     tape_rule = get_rule(rule, **(rule_kwargs or {})) if isinstance(rule, str) else rule
     if not isinstance(tape_rule, TapeRule):
@@ -342,6 +345,7 @@ def make_alignment_probe(
     if kind not in (None, "auto") and kind not in KINDS:
         raise ValueError(f"unknown feedback kind {kind!r}; valid: {', '.join(KINDS)}, auto, None")
     x, y = jnp.asarray(x), jnp.asarray(y)
+    index = None if index is None else jnp.asarray(index)
     context = StepContext(model, loss_fn)
 
     def one(state) -> dict[str, Array]:
@@ -356,7 +360,7 @@ def make_alignment_probe(
             updates, _ = tape_rule.update(params, rule_state, tape, err, key=state.key,
                                           labels=y)
         else:
-            updates, _, output = stepper.step(params, rule_state, Batch(x, y), state.key,
+            updates, _, output = stepper.step(params, rule_state, Batch(x, y, index), state.key,
                                               context)
             loss_val = output.loss
         grads = jax.grad(lambda p: loss_fn(model.apply(p, x), y))(params)

@@ -7,6 +7,8 @@ from typing import Any, NamedTuple
 
 from fbalign._src.base import LearningRule, TapeRule
 from fbalign._src.rules.activation_relaxation import activation_relaxation
+from fbalign._src.rules.admm import admm
+from fbalign._src.rules.altmin import alternating_minimization
 from fbalign._src.rules.backprop import backprop
 from fbalign._src.rules.bidirectional import (
     bidirectional_direct_feedback_alignment,
@@ -14,9 +16,15 @@ from fbalign._src.rules.bidirectional import (
 )
 from fbalign._src.rules.drtp import direct_random_target_projection
 from fbalign._src.rules.equilibrium import equilibrium_propagation
+from fbalign._src.rules.evolution import evolution_strategy
 from fbalign._src.rules.feedback_alignment import direct_feedback_alignment, feedback_alignment
+from fbalign._src.rules.forward_forward import forward_forward
 from fbalign._src.rules.forward_gradient import forward_gradient
+from fbalign._src.rules.hsic import hsic_bottleneck
 from fbalign._src.rules.kolen_pollack import kolen_pollack, weight_mirror
+from fbalign._src.rules.local_forward_gradient import local_forward_gradient
+from fbalign._src.rules.local_losses import local_error_signals
+from fbalign._src.rules.pepita import pepita
 from fbalign._src.rules.predictive_coding import predictive_coding
 from fbalign._src.rules.random_backprop import (
     adaptive_random_backprop,
@@ -29,6 +37,7 @@ from fbalign._src.rules.random_backprop import (
 )
 from fbalign._src.rules.sign_symmetry import brsf, frsf, usf
 from fbalign._src.rules.synthetic_gradients import cdni, dni
+from fbalign._src.rules.target_propagation import ddtp, drl, dtp, ldrl, tp
 
 
 class RuleSpec(NamedTuple):
@@ -92,6 +101,28 @@ RULES: dict[str, RuleSpec] = {
                    "equilibrium propagation (on fbalign.models.hopfield), Scellier & Bengio 2017"),
     "pc": RuleSpec(predictive_coding, "predictive coding, Whittington & Bogacz 2017"),
     "ar": RuleSpec(activation_relaxation, "activation relaxation, Millidge et al. 2020"),
+    # Target propagation (issue 14): targets through learned inverses, kept in the rule state.
+    "tp": RuleSpec(tp, "target propagation, Bengio 2014; Lee et al. 2015"),
+    "dtp": RuleSpec(dtp, "difference target propagation, Lee et al. 2015"),
+    "drl": RuleSpec(drl, "DTP with the difference reconstruction loss, Meulemans et al. 2020"),
+    "ddtp": RuleSpec(ddtp, "direct DTP (DDTP-linear by default), Meulemans et al. 2020"),
+    "ldrl": RuleSpec(ldrl, "DTP with the local difference reconstruction loss, Ernoult 2022"),
+    # Local objectives (issue 15).
+    "lsig": RuleSpec(local_error_signals,
+                     "local error signals (pred/sim/predsim, bio), Nokland & Eidnes 2019"),
+    "ff": RuleSpec(forward_forward, "forward-forward (label in the input, goodness), Hinton 2022"),
+    "hsic": RuleSpec(hsic_bottleneck,
+                     "HSIC bottleneck (per-layer HSIC objectives), Ma, Lewis & Kleijn 2020"),
+    "pepita": RuleSpec(pepita, "PEPITA (error-modulated second forward pass), Dellaferrera & "
+                               "Kreiman 2022"),
+    "lfg": RuleSpec(local_forward_gradient,
+                    "activity-perturbed forward gradient with local losses, Ren et al. 2023"),
+    # Auxiliary-variable and gradient-free training (issue 16).
+    "altmin": RuleSpec(alternating_minimization,
+                       "online alternating minimization, Choromanska et al. 2019"),
+    "admm": RuleSpec(admm, "ADMM without gradients, Taylor et al. 2016"),
+    "es": RuleSpec(evolution_strategy,
+                   "evolution strategies via evosax (OpenAI-ES, Salimans et al. 2017; SNES)"),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -272,13 +273,17 @@ def make_epoch_runner(step: Callable, batch_size: int, chunk: int, ensemble: boo
     return jax.jit(run, donate_argnums=0)
 
 
-def make_eval_fn(model: Any, loss: Loss | str = "cross_entropy"):
-    """Jitted ``(params, x, y) -> (sum of loss, number correct)`` on one batch (plain forward)."""
+def make_eval_fn(model: Any, loss: Loss | str = "cross_entropy",
+                 predict: Callable[[Any, Params, Array], Array] | None = None):
+    """Jitted ``(params, x, y) -> (sum of loss, number correct)`` on one batch: the plain forward
+    ``model.apply(params, x)``, or ``predict(model, params, x)`` for a rule that answers otherwise
+    (`LearningRule.predict`)."""
     loss = _resolve_loss(loss)
+    answer = model.apply if predict is None else functools.partial(predict, model)
 
     @jax.jit
     def ev(params, x, y):
-        out = model.apply(params, x)
+        out = answer(params, x)
         m = _batch_metrics(loss(out, y), out, y)
         correct = m.get("accuracy", jnp.nan) * x.shape[0]
         return m["loss"] * x.shape[0], correct
@@ -289,9 +294,12 @@ def make_eval_fn(model: Any, loss: Loss | str = "cross_entropy"):
 def evaluate(
     model: Any, params: Params, x: np.ndarray, y: np.ndarray, loss: Loss | str = "cross_entropy",
     batch_size: int = 1000, eval_fn: Callable | None = None,
+    predict: Callable[[Any, Params, Array], Array] | None = None,
 ) -> dict[str, float]:
-    """Loss, accuracy and error (%) of ``model`` on ``(x, y)``, in batches of ``batch_size``."""
-    ev = eval_fn or make_eval_fn(model, loss)
+    """Loss, accuracy and error (%) of ``model`` on ``(x, y)``, in batches of ``batch_size``;
+    ``predict``: a rule's own answer (`LearningRule.predict`, e.g. forward-forward's goodness)
+    in place of ``model.apply``."""
+    ev = eval_fn or make_eval_fn(model, loss, predict)
     if len(x) == 0:
         return {}
     if eval_fn is None:
@@ -523,7 +531,7 @@ def _build_program(model: Any, rule: LearningRule, optimizer: optax.GradientTran
     runner = make_runner(step, batch_size, chunk, ensemble, impl)
     tail = steps_per_epoch % chunk
     tail_runner = make_runner(step, batch_size, tail, ensemble, impl) if tail else None
-    eval_fn = make_eval_fn(model, loss_fn)
+    eval_fn = make_eval_fn(model, loss_fn, rule.predict)
     if ensemble:
         one_eval = eval_fn
         eval_fn = jax.jit(lambda ps, x, y: ensemble_step(
