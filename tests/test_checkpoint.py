@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -297,3 +298,52 @@ def test_cli_resume_counts_options_given_at_their_default_values(tmp_path, capsy
     recs = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs if r.get("kind") == "epoch"] == list(
         range(1, defaults.epochs + 1))
+
+
+def test_a_flipped_bit_in_the_position_is_caught_like_one_in_the_weights(tmp_path):
+    """Issue 17 item 3: the checksum covers the metadata too (epoch 13 -> 12 in the file is
+    refused, not resumed from), the step must match the file name, and version-1 files (payload
+    checksum only) still load."""
+    st = _state()
+    path = C.save_checkpoint(tmp_path, st, {"step": 7, "epoch": 13, "step_in_epoch": 0})
+    raw = path.read_bytes()
+    assert raw.count(b'"epoch": 13') == 1
+    path.write_bytes(raw.replace(b'"epoch": 13', b'"epoch": 12'))
+    with pytest.raises(C.CheckpointError, match="corrupt: meta and payload SHA-256"):
+        C.read_checkpoint(path)
+    path.write_bytes(raw)
+    assert C.read_checkpoint(path)[0]["epoch"] == 13
+    moved = path.with_name("ckpt-000000008.msgpack")
+    path.rename(moved)
+    with pytest.raises(C.CheckpointError, match="holds step 7, not the step 8 of its file name"):
+        C.read_checkpoint(moved)
+    # A version-1 file: the same blob with the payload-only checksum.
+    from flax import serialization
+
+    blob = serialization.msgpack_restore(raw)
+    blob.update(version=1, sha256=__import__("hashlib").sha256(blob["payload"]).hexdigest())
+    old = tmp_path / "v1" / "ckpt-000000007.msgpack"
+    old.parent.mkdir()
+    old.write_bytes(serialization.msgpack_serialize(blob))
+    _assert_bit_identical(C.load_checkpoint(old, target=_state(seed=1)).state, st)
+
+
+def test_resume_refuses_a_checkpoint_whose_position_does_not_add_up(small, tmp_path):
+    """A checkpoint whose checksum is right but whose position is not (written by another
+    tool, or edited and re-signed) would repeat or skip steps: refused with the file named."""
+    m = fb.mlp((8, 16, 3))
+    kw = dict(epochs=1, batch_size=32, progress=False, out_dir=tmp_path, checkpoint_every=3)
+    fit(m, "fa", optax.sgd(0.1), small, **kw)
+    ck = C.load_checkpoint(tmp_path / "checkpoints")
+    assert (ck.meta["epoch"], ck.meta["step_in_epoch"], ck.step) == (1, 0, 8)
+    for change, msg in [({"epoch": 0, "step_in_epoch": 0}, "step 8 != epoch 0 x 8 steps + 0"),
+                        ({"epoch": 0, "step_in_epoch": 8}, "step_in_epoch 8 is outside"),
+                        ({"history": []}, "0 epoch records for 1 finished epochs")]:
+        C.save_checkpoint(tmp_path / "checkpoints", ck.state, {**ck.meta, **change})
+        with pytest.raises(C.CheckpointError, match=re.escape(msg)):
+            fit(m, "fa", optax.sgd(0.1), small, resume=True, **{**kw, "epochs": 2})
+    step_key = next(k for k in ck.state if k in ("step", "4"))  # the raw state dict's counter
+    C.save_checkpoint(tmp_path / "checkpoints",
+                      {**ck.state, step_key: ck.state[step_key] + 1}, ck.meta)
+    with pytest.raises(C.CheckpointError, match=r"state's step counter is \[9\], the meta's 8"):
+        fit(m, "fa", optax.sgd(0.1), small, resume=True, **{**kw, "epochs": 2})

@@ -3,10 +3,12 @@
 A checkpoint file ``ckpt-<step>.msgpack`` is a msgpack map (``flax.serialization``; arrays are
 stored as raw bytes with shape and dtype, so a restore is bit-exact; no pickle) holding
 
-* ``format``/``version``: ``"fbalign-checkpoint"``, 1;
+* ``format``/``version``: ``"fbalign-checkpoint"``, 2;
 * ``meta``: a JSON string with the step, the data-order position (``epoch``, ``step_in_epoch``),
   the metrics so far and whatever else the writer adds;
-* ``payload``: the msgpack bytes of the state's state-dict, and ``sha256``, its checksum.
+* ``payload``: the msgpack bytes of the state's state-dict, and ``sha256``, the checksum of the
+  meta and the payload together (`_digest`), so a flipped bit in the position is caught like
+  one in the weights. Version-1 files (checksum of the payload only) are still read.
 
 Files are written to a temp file in the same directory, flushed, ``fsync``-ed and renamed into
 place, so a crash mid-write never leaves a broken checkpoint under a final name; older
@@ -30,7 +32,8 @@ import jax
 import numpy as np
 
 FORMAT = "fbalign-checkpoint"
-VERSION = 1
+VERSION = 2
+_READABLE = (1, 2)
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^ckpt-(\d+)\.msgpack$")
 
@@ -116,6 +119,18 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _digest(meta_json: str, payload: bytes, version: int = VERSION) -> str:
+    """SHA-256 of what a checkpoint of ``version`` covers: since version 2 the metadata (its
+    JSON text, length-prefixed) and the payload; version 1 covered the payload only."""
+    h = hashlib.sha256()
+    if version >= 2:
+        m = meta_json.encode()
+        h.update(len(m).to_bytes(8, "little"))
+        h.update(m)
+    h.update(payload)
+    return h.hexdigest()
 
 
 def _is_key(a: Any) -> bool:
@@ -211,11 +226,12 @@ def save_checkpoint(
         raise CheckpointError(f"refusing to save a checkpoint at step {meta['step']}: {bad} "
                               "holds NaN or Inf; the last good checkpoint is kept")
     payload = serialization.msgpack_serialize(serialization.to_state_dict(host))
+    meta_json = json.dumps(meta)
     blob = serialization.msgpack_serialize({
         "format": FORMAT,
         "version": VERSION,
-        "meta": json.dumps(meta),
-        "sha256": hashlib.sha256(payload).hexdigest(),
+        "meta": meta_json,
+        "sha256": _digest(meta_json, payload),
         "payload": payload,
     })
     path = atomic_write_bytes(checkpoint_path(directory, meta["step"]), blob)
@@ -229,7 +245,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
 
     Raises:
       CheckpointError: naming the file when it is unreadable, not a checkpoint, of another
-        version, or its payload does not match its SHA-256.
+        version, its meta and payload do not match its SHA-256, or its step is not the one in
+        its file name.
     """
     from flax import serialization
 
@@ -242,18 +259,27 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({err})") from err
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an fbalign checkpoint")
-    if blob.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {blob.get('version')}; "
-                              f"this fbalign reads version {VERSION}")
-    payload = blob.get("payload", b"")
-    got = hashlib.sha256(payload).hexdigest()
+    version = blob.get("version")
+    if version not in _READABLE:
+        raise CheckpointError(f"checkpoint {path} has format version {version}; this fbalign "
+                              f"reads versions {', '.join(map(str, _READABLE))}")
+    payload, meta_json = blob.get("payload", b""), blob.get("meta", "")
+    if not isinstance(payload, bytes) or not isinstance(meta_json, str):
+        raise CheckpointError(f"checkpoint {path} is corrupt: no meta or payload")
+    got = _digest(meta_json, payload, version)
     if got != blob.get("sha256"):
-        raise CheckpointError(f"checkpoint {path} is corrupt: payload SHA-256 {got}, expected "
+        what = "meta and payload" if version >= 2 else "payload"
+        raise CheckpointError(f"checkpoint {path} is corrupt: {what} SHA-256 {got}, expected "
                               f"{blob.get('sha256')}")
     try:
-        return json.loads(blob["meta"]), serialization.msgpack_restore(payload)
+        meta, state_dict = json.loads(meta_json), serialization.msgpack_restore(payload)
     except Exception as err:
         raise CheckpointError(f"checkpoint {path} is corrupt ({err})") from err
+    named = _NAME.match(path.name)
+    if named and meta.get("step") != int(named.group(1)):
+        raise CheckpointError(f"checkpoint {path} holds step {meta.get('step')!r}, not the "
+                              f"step {int(named.group(1))} of its file name")
+    return meta, state_dict
 
 
 def restore_state(target: Any, state_dict: dict[str, Any], source: str = "checkpoint") -> Any:

@@ -607,9 +607,40 @@ def _resume(ckpt_dir: Path, seeding: _Seeding, fingerprint: dict[str, Any]) -> _
             f"checkpoint {ck.path} was written by a run with other settings: " + ", ".join(
                 f"{k}={a!r} there, {b!r} now" for k, (a, b) in differ.items())
             + "; resume with the run's own settings (its config.json)")
+    _check_position(ck, fingerprint["steps_per_epoch"])
     sums = {k: np.asarray(v, np.float64) for k, v in ck.meta["sums"].items()}
     return _Start(ck.state, ck.meta["epoch"], ck.meta["step_in_epoch"], sums,
                   list(ck.meta["history"]), ck.meta["records"], [ck.step])
+
+
+def _check_position(ck: Any, steps_per_epoch: int) -> None:
+    """A `CheckpointError` naming the file when a checkpoint's position does not add up: its
+    ``step`` must be ``epoch * steps_per_epoch + step_in_epoch`` with ``0 <= step_in_epoch <
+    steps_per_epoch``, equal the state's own step counter, and its history must hold one record
+    per finished epoch (a resume from anything else would repeat or skip steps)."""
+    m = ck.meta
+    epoch, done, step = m.get("epoch"), m.get("step_in_epoch"), m.get("step")
+    state_steps = {int(s) for s in np.asarray(jax.device_get(ck.state.step)).reshape(-1)}
+    problems = []
+    if not all(isinstance(v, int) for v in (epoch, done, step)):
+        problems.append(f"epoch {epoch!r}, step_in_epoch {done!r}, step {step!r} are not all "
+                        "integers")
+    else:
+        if not 0 <= done < steps_per_epoch:
+            problems.append(f"step_in_epoch {done} is outside [0, {steps_per_epoch})")
+        if step != epoch * steps_per_epoch + done:
+            problems.append(f"step {step} != epoch {epoch} x {steps_per_epoch} steps + "
+                            f"{done}")
+        if state_steps != {step}:
+            problems.append(f"the state's step counter is {sorted(state_steps)}, the meta's "
+                            f"{step}")
+        if len(m.get("history", ())) != epoch:
+            problems.append(f"{len(m.get('history', ()))} epoch records for {epoch} finished "
+                            "epochs")
+    if problems:
+        raise CheckpointError(f"checkpoint {ck.path} has an inconsistent position: "
+                              + "; ".join(problems) + ". Resume from an earlier checkpoint "
+                              "(delete this one) or start the run again")
 
 
 class _RunLog:
