@@ -346,3 +346,24 @@ def test_sign_optimizers_from_the_cli_are_fbalign_s():
     _, st = sm.update(g, st)
     u, _ = sm.update({"w": jnp.array([-1.0, 1.0])}, st)  # 0.09*g + 0.1*(-1, 1) keeps g's sign
     np.testing.assert_allclose(u["w"], [-0.5, 0.5])
+
+
+def test_ensemble_member_equals_its_single_run_with_the_shared_data_seed(tmp_path):
+    """Issue 17 item 6: an ensemble shares one dataset (the teacher task and the validation
+    split are drawn from --seed); member k equals the single run --seed SEED+k --data-seed
+    SEED, on a dataset whose draw depends on the seed."""
+    common = ["train", "--rule", "fa", "--dataset", "teacher", "--hidden", "8", "--epochs", "1",
+              "--val-fraction", "0.2", "--no-progress", "--log-alignment-every", "0"]
+
+    def last(out):
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+
+    assert main(common + ["--seeds", "2", "--out", str(tmp_path / "ens")]) == 0
+    assert main(common + ["--seed", "1", "--data-seed", "0", "--out", str(tmp_path / "one")]) == 0
+    assert main(common + ["--seed", "1", "--out", str(tmp_path / "own")]) == 0
+    ens, one, own = (last(tmp_path / d) for d in ("ens", "one", "own"))
+    for key in ("train_loss", "val_loss", "test_loss"):
+        np.testing.assert_allclose(ens[key][1], one[key], rtol=1e-5, err_msg=key)
+    assert not np.isclose(ens["val_loss"][1], own["val_loss"], rtol=1e-5)  # its own task
+    cfg = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert (cfg["seed"], cfg["data_seed"]) == (1, 0)

@@ -212,14 +212,7 @@ def _add_train_args(p: argparse.ArgumentParser, rule: bool = True) -> None:
     p.add_argument("--form", choices=("explicit", "grad"), default="explicit",
                    help="explicit: rule.update on the recorded tape; grad: jax.grad through "
                         "the custom_vjp primitives (same updates)")
-    p.add_argument("--val-fraction", type=float, default=0.0,
-                   help="fraction of the training set held out for validation (default 0)")
-    p.add_argument("--normalize", choices=("standardize", "unit", "none"), default="standardize",
-                   help="image inputs: standardize (zero mean, unit std over the training set; "
-                        "default), unit ([0, 1]) or none (raw)")
-    p.add_argument("--data-dir", default=None,
-                   help=f"directory holding mnist.npz (overrides ${DATA_ENV})")
-    p.add_argument("--seed", type=_number(int, 0, 2**32, high_open=True), default=0, help="seed")
+    _add_data_args(p)
     p.add_argument("--seeds", type=_positive(int), default=1,
                    help="train K networks (seeds seed..seed+K-1) at once in one jitted "
                         "program; reports per-seed results and mean/std (default 1)")
@@ -240,6 +233,32 @@ def _add_train_args(p: argparse.ArgumentParser, rule: bool = True) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing run directory")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def data_seed(args) -> int:
+    """The seed of a run's data: ``--data-seed``, else ``--seed`` (runs from before the option
+    have no ``data_seed`` and used ``--seed``)."""
+    value = getattr(args, "data_seed", None)
+    return args.seed if value is None else value
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """The data and seed options of ``fbalign train``/``compare``."""
+    from fbalign._src.data import DATA_ENV
+
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="fraction of the training set held out for validation (default 0)")
+    p.add_argument("--normalize", choices=("standardize", "unit", "none"), default="standardize",
+                   help="image inputs: standardize (zero mean, unit std over the training set; "
+                        "default), unit ([0, 1]) or none (raw)")
+    p.add_argument("--data-dir", default=None,
+                   help=f"directory holding mnist.npz (overrides ${DATA_ENV})")
+    p.add_argument("--seed", type=_number(int, 0, 2**32, high_open=True), default=0,
+                   help="seed of the network, the data order and the rule (default 0)")
+    p.add_argument("--data-seed", type=_number(int, 0, 2**32, high_open=True), default=None,
+                   help="seed of the data (the teacher task, the validation split); default "
+                        "--seed. A --seeds K ensemble shares its data: member k equals the "
+                        "single run --seed SEED+k --data-seed SEED")
 
 
 def _non_negative_int(value: str) -> int:
@@ -585,7 +604,7 @@ def _load_train_data(args):
                              f"{args.rule!r} needs a layered feedforward network (--model mlp "
                              "or lenet5)")
     try:
-        data = load_dataset(args.dataset, val_fraction=args.val_fraction, seed=args.seed,
+        data = load_dataset(args.dataset, val_fraction=args.val_fraction, seed=data_seed(args),
                             **kwargs)
     except ValueError as err:
         raise UsageError(str(err)) from None
