@@ -367,3 +367,32 @@ def test_ensemble_member_equals_its_single_run_with_the_shared_data_seed(tmp_pat
     assert not np.isclose(ens["val_loss"][1], own["val_loss"], rtol=1e-5)  # its own task
     cfg = json.loads((tmp_path / "one" / "config.json").read_text())
     assert (cfg["seed"], cfg["data_seed"]) == (1, 0)
+
+
+def test_no_progress_keeps_a_line_per_epoch_and_ctrl_c_says_how_to_resume(tmp_path, capsys,
+                                                                          monkeypatch):
+    """Issue 17 item 16: --no-progress hides the bar but keeps one line per epoch (stderr);
+    "after 1 epoch"; Ctrl-C names the last checkpoint's step and the exact --resume command."""
+    import fbalign._src.train as T
+
+    out = tmp_path / "run"
+    args = ["train", "--rule", "fa", "--dataset", "digits", "--hidden", "8", "--epochs", "1",
+            "--no-progress", "--log-alignment-every", "0", "--out", str(out)]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert re.search(r"^epoch 1: train loss \d\.\d{4}  test error \d+\.\d\d%$", captured.err,
+                     flags=re.M)
+    assert " after 1 epoch (" in captured.out
+    real_fit = T.fit
+
+    def fit_then_ctrl_c(*a, **kw):  # the run (a checkpoint after each epoch), then Ctrl-C
+        real_fit(*a, **{**kw, "resume": False})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "fit", fit_then_ctrl_c)
+    assert main(args[:-1] + [str(tmp_path / "cut"), "--epochs", "3"]) == 130
+    err = capsys.readouterr().err
+    steps = 3 * (1438 // 64)
+    assert (f"interrupted; the last checkpoint is step {steps} "
+            f"({tmp_path / 'cut' / 'checkpoints' / f'ckpt-{steps:09d}.msgpack'}); continue "
+            f"with: fbalign train --resume {tmp_path / 'cut'}") in err

@@ -570,6 +570,9 @@ def cmd_train(args) -> int:
         print(f"fbalign: error: {err} (this run: --optimizer {args.optimizer} --lr {args.lr:g})",
               file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        _say_how_to_resume(out)
+        return 130
     wall = time.perf_counter() - t0
     _report(args, res.history[-1], wall, out, primary)
     return 0
@@ -701,7 +704,8 @@ def _fit_options(args, loss: str, out: Path | None, probe, devices: int | None, 
         # form (fit resolves it: fbalign.rules.resolve_form).
         "form": args.form, "rule_kwargs": _rule_kwargs(args), "log_every": args.log_every,
         "out_dir": out, "probe_fn": probe, "probe_every": max(args.log_alignment_every, 0),
-        "progress": not args.no_progress and primary, "devices": devices,
+        "progress": ("lines" if args.no_progress else True) if primary else False,
+        "devices": devices,
         "ensemble_impl": getattr(args, "ensemble_impl", "auto"),
         "checkpoint_every": getattr(args, "checkpoint_every", None), "resume": resuming,
         "on_nonfinite": getattr(args, "on_nonfinite", "stop"),
@@ -711,6 +715,23 @@ def _fit_options(args, loss: str, out: Path | None, probe, devices: int | None, 
         # state); on --resume every process reads them, so the run directory must be shared
         options["checkpoint_dir"] = Path(args.out or ".") / "checkpoints"
     return options
+
+
+def _say_how_to_resume(out: Path | None) -> None:
+    """After Ctrl-C: the newest checkpoint's step and the command that continues from it."""
+    from fbalign._src.checkpoint import CHECKPOINT_DIR, latest_checkpoint
+
+    if out is None:  # not process 0: it says it
+        return
+    ckpt = latest_checkpoint(out / CHECKPOINT_DIR)
+    if ckpt is None:
+        print(f"fbalign: interrupted before the first checkpoint; {out} keeps its config and "
+              f"records; start again with --out {out} --overwrite (or save more often with "
+              "--checkpoint-every N)", file=sys.stderr)
+        return
+    step = int(ckpt.name.split("-")[1].split(".")[0])
+    print(f"fbalign: interrupted; the last checkpoint is step {step} ({ckpt}); continue with: "
+          f"fbalign train --resume {out}", file=sys.stderr)
 
 
 def _report(args, last: dict[str, Any], wall: float, out: Path | None, primary: bool) -> None:
@@ -736,7 +757,8 @@ def _report(args, last: dict[str, Any], wall: float, out: Path | None, primary: 
         metric = f"test loss {last['test_loss']:.4g}"
     where = (f"run saved in {out}" if primary else
              f"process {jax.process_index()} of {jax.process_count()}; process 0 saves the run")
-    print(f"{args.rule} on {args.dataset}: {metric} after {args.epochs} epochs "
+    epochs = f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}"
+    print(f"{args.rule} on {args.dataset}: {metric} after {epochs} "
           f"({wall:.1f} s, {wall / args.epochs:.2f} s/epoch); {where}")
 
 

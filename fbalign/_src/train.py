@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -347,7 +348,7 @@ def fit(
     probe_fn: Callable[[TrainState], dict[str, Any]] | None = None,
     probe_every: int = 0,
     out_dir: str | Path | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
     state: TrainState | None = None,
     checkpoint_every: int | None = None,
     checkpoint_dir: str | Path | None = None,
@@ -800,11 +801,14 @@ class _NonFiniteGuard:
 
 
 class _Progress:
-    """`fit`'s tqdm bar over all steps (nothing when ``show`` is False)."""
+    """`fit`'s tqdm bar over all steps and a line per epoch (``show=True``), only the lines
+    (``"lines"``: logs and ``fbalign train --no-progress``), or nothing (False)."""
 
-    def __init__(self, show: bool, total: int, initial: int, desc: str):
-        self._bar = None
-        if show:
+    def __init__(self, show: bool | str, total: int, initial: int, desc: str):
+        if show not in (True, False, "lines"):
+            raise ValueError(f"progress must be True, False or 'lines', got {show!r}")
+        self._bar, self._lines = None, show == "lines"
+        if show is True:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, unit="step", dynamic_ncols=True, desc=desc,
@@ -819,10 +823,17 @@ class _Progress:
 
     def epoch_end(self, epoch: int, rec: dict[str, Any]) -> None:
         """A line with the epoch's training loss and test error (when it has one)."""
-        if self._bar is not None and "test_error" in rec:
-            err = rec.get("test_error_mean", rec["test_error"])
-            self._bar.write(f"epoch {epoch + 1}: train loss "
-                            f"{np.mean(rec.get('train_loss', np.nan)):.4f}  test error {err:.2f}%")
+        if self._bar is None and not self._lines:
+            return
+        line = f"epoch {epoch + 1}: train loss {np.mean(rec.get('train_loss', np.nan)):.4f}"
+        if "test_error" in rec:
+            line += f"  test error {rec.get('test_error_mean', rec['test_error']):.2f}%"
+        elif "test_loss" in rec:
+            line += f"  test loss {np.mean(rec['test_loss']):.4g}"
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
