@@ -64,10 +64,12 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     C.save_checkpoint(tmp_path, st, {"step": 1})
 
     def crash(*_):
-        raise OSError("disk full (simulated)")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(C.CheckpointError, match=re.escape(
+            f"cannot write checkpoint {tmp_path / 'ckpt-000000002.msgpack'}: No space left on "
+            f"device; the previous checkpoint {tmp_path / 'ckpt-000000001.msgpack'} is kept")):
         C.save_checkpoint(tmp_path, st, {"step": 2})
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000000001.msgpack"]  # no temp file

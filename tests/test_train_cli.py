@@ -396,3 +396,29 @@ def test_no_progress_keeps_a_line_per_epoch_and_ctrl_c_says_how_to_resume(tmp_pa
     assert (f"interrupted; the last checkpoint is step {steps} "
             f"({tmp_path / 'cut' / 'checkpoints' / f'ckpt-{steps:09d}.msgpack'}); continue "
             f"with: fbalign train --resume {tmp_path / 'cut'}") in err
+
+
+def test_out_that_is_a_file_or_cannot_be_made_is_named(tmp_path, capsys):
+    """Issue 17 item 13: --out naming a file, or a path under a file, is a usage error naming
+    the path (no traceback, nothing written)."""
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    args = ["train", "--rule", "fa", "--dataset", "digits", "--epochs", "1", "--no-progress"]
+    assert main(args + ["--out", str(f)]) == 2
+    assert f"--out {f} is a file, not a directory" in capsys.readouterr().err
+    assert main(args + ["--out", str(f / "run")]) == 2
+    assert f"cannot use --out {f / 'run'}: Not a directory" in capsys.readouterr().err
+    assert f.read_text() == "keep me"
+
+
+def test_a_write_that_fails_mid_run_is_named_not_a_traceback(tmp_path, capsys, monkeypatch):
+    import fbalign._src.cli as cli
+
+    def full(args, out, *a):
+        raise OSError(28, "No space left on device", str(out / "config.json"))
+
+    monkeypatch.setattr(cli, "_write_config", full)
+    assert main(["train", "--rule", "fa", "--dataset", "digits", "--epochs", "1",
+                 "--no-progress", "--out", str(tmp_path / "run")]) == 2
+    assert (f"fbalign: error: cannot write {tmp_path / 'run' / 'config.json'}: No space left on "
+            "device; files written before it are kept") in capsys.readouterr().err

@@ -234,7 +234,14 @@ def save_checkpoint(
         "sha256": _digest(meta_json, payload),
         "payload": payload,
     })
-    path = atomic_write_bytes(checkpoint_path(directory, meta["step"]), blob)
+    target = checkpoint_path(directory, meta["step"])
+    try:
+        path = atomic_write_bytes(target, blob)
+    except OSError as err:
+        kept = latest_checkpoint(directory)
+        raise CheckpointError(
+            f"cannot write checkpoint {target}: {err.strerror or err}"
+            + (f"; the previous checkpoint {kept} is kept" if kept else "")) from err
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return path

@@ -520,14 +520,25 @@ def _resumed_rule_args(args, rule: str, config: dict, cfg_path: Path) -> dict[st
 
 
 def prepare_out(args) -> Path:
+    """The run directory: made (parents too), or emptied with ``--overwrite``; a usage error
+    naming the path when it is a file, not empty, or cannot be written."""
     out = Path(args.out) if args.out else Path("runs") / (
         f"{args.rule}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            raise UsageError(f"run directory {out} already exists and is not empty; pass "
-                             "--overwrite to replace it or choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory; choose another --out")
+    try:
+        if out.exists() and any(out.iterdir()):
+            if not args.overwrite:
+                raise UsageError(f"run directory {out} already exists and is not empty; pass "
+                                 "--overwrite to replace it or choose another --out")
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".fbalign-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"cannot use --out {out}: {err.strerror or err} "
+                         f"({err.filename or out}); choose a writable directory") from err
     return out
 
 
@@ -861,6 +872,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fbalign: interrupted; files written so far are kept", file=sys.stderr)
         return 130
+    except OSError as err:  # a run directory that became unwritable (disk full, removed, ...)
+        where = f" {err.filename}" if err.filename else ""
+        print(f"fbalign: error: cannot write{where}: {err.strerror or err}; files written "
+              "before it are kept", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
