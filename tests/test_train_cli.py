@@ -422,3 +422,22 @@ def test_a_write_that_fails_mid_run_is_named_not_a_traceback(tmp_path, capsys, m
                  "--no-progress", "--out", str(tmp_path / "run")]) == 2
     assert (f"fbalign: error: cannot write {tmp_path / 'run' / 'config.json'}: No space left on "
             "device; files written before it are kept") in capsys.readouterr().err
+
+
+def test_a_run_too_big_for_the_machine_fails_fast_with_the_estimate(tmp_path, capsys,
+                                                                      monkeypatch):
+    """Issue 17 item 12: --hidden 100000000 stops in about a second, before any allocation or
+    run directory, with the estimate and the memory available."""
+    import fbalign._src.cli as cli
+
+    args = ["train", "--rule", "fa", "--dataset", "digits", "--epochs", "1", "--no-progress"]
+    assert main(args + ["--hidden", "100000000", "--out", str(tmp_path / "huge")]) == 2
+    err = capsys.readouterr().err
+    # 64 x 1e8 + 1e8 x 10 weights, with bias, Adam's two moments and FA's feedback: ~88 GiB
+    assert re.search(r"this run needs about \d+\.\d GiB \(1 x 8[78]\.\d\d GiB of params", err)
+    assert "use smaller --hidden, --batch-size or --seeds" in err
+    assert not (tmp_path / "huge").exists()
+    # A run that fits here (~0.4 MiB, the data included), on a 64 KiB machine: refused.
+    monkeypatch.setattr(cli, "_available_memory", lambda: (2**16, "a 64 KiB test machine"))
+    assert main(args + ["--hidden", "32", "--out", str(tmp_path / "small")]) == 2
+    assert "more than the 0.0 GiB of a 64 KiB test machine" in capsys.readouterr().err

@@ -569,6 +569,7 @@ def cmd_train(args) -> int:
     if args.rule == "admm" and not resuming:
         _admm_run_defaults(args, len(data.x_train))
     _check_rule_init(args, model)
+    _check_memory(args, model, optimizer, data)
     out = (Path(args.out) if resuming else prepare_out(args)) if primary else None
     if not resuming and primary:  # a resumed run keeps the config it was started with
         _write_config(args, out, loss, data)
@@ -647,6 +648,54 @@ def _admm_run_defaults(args, n_train: int) -> None:
         chosen.append(f"--batch-size {n_train} (the whole training set)")
     if chosen:
         print(f"fbalign: --rule admm defaults to {' '.join(chosen)}", file=sys.stderr)
+
+
+def _available_memory() -> tuple[int, str] | None:
+    """Bytes the first device can hold and what that is (GPU/TPU: its allocator limit; CPU:
+    MemAvailable of /proc/meminfo), or None where neither is known."""
+    import jax
+
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return free, f"{dev.platform} memory"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "available host memory"
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory(args, model, optimizer, data) -> None:
+    """A usage error before anything is allocated when the run cannot fit: the training state
+    (params, optimizer and rule state; traced, not allocated) times the seeds, plus the
+    activations of a batch (three copies of every layer's output, forward and backward) and the
+    training set, against the memory the device has."""
+    import jax
+    import numpy as np
+
+    from fbalign._src.train import init_train_state
+
+    avail = _available_memory()
+    if avail is None:
+        return
+    shapes = jax.eval_shape(lambda k: init_train_state(model, args.rule, optimizer, k,
+                                                       _rule_kwargs(args)),
+                            jax.random.PRNGKey(0))
+    state = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+    widths = sum(getattr(model, "sizes", ())[1:]) or 0
+    acts = 3 * args.batch_size * widths * 4
+    need = args.seeds * (state + acts) + data.x_train.nbytes
+    if need > avail[0]:
+        gib = 2.0**30
+        raise UsageError(f"this run needs about {need / gib:.1f} GiB ({args.seeds} x "
+                         f"{state / gib:.2f} GiB of params, optimizer and rule state + "
+                         f"{acts / gib:.2f} GiB of activations, + the data), more than the "
+                         f"{avail[0] / gib:.1f} GiB of {avail[1]}; use smaller --hidden, "
+                         "--batch-size or --seeds")
 
 
 def _check_rule_init(args, model) -> None:
