@@ -349,3 +349,39 @@ def test_resume_refuses_a_checkpoint_whose_position_does_not_add_up(small, tmp_p
                       {**ck.state, step_key: ck.state[step_key] + 1}, ck.meta)
     with pytest.raises(C.CheckpointError, match=r"state's step counter is \[9\], the meta's 8"):
         fit(m, "fa", optax.sgd(0.1), small, resume=True, **{**kw, "epochs": 2})
+
+
+def test_cli_resume_item_5_cases(tmp_path, capsys):
+    """Issue 17 item 5: resuming a run with records but no checkpoint is refused (it would
+    restart from step 0 and replace them); --out elsewhere is refused, not ignored; an edited
+    config.json value is named, not a traceback; resuming a finished run adds to its wall
+    time instead of replacing it."""
+    from fbalign.cli import main
+
+    run = tmp_path / "run"
+    base = ["train", "--rule", "fa", "--dataset", "teacher", "--hidden", "8", "--batch-size",
+            "256", "--epochs", "1", "--no-progress", "--log-alignment-every", "0"]
+    assert main([*base, "--out", str(run)]) == 0
+    first = json.loads((run / "summary.json").read_text())["wall_time_s"]
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0  # finished: no steps
+    assert json.loads((run / "summary.json").read_text())["wall_time_s"] >= first
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--out", str(tmp_path / "else")]) == 2
+    assert f"--resume continues the run in {run}, where it writes; drop --out" in \
+        capsys.readouterr().err
+    cfg_path = run / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key, value, msg in [("activation", "swish", "unknown activation 'swish'"),
+                            ("hidden", [8, -1], "hidden sizes must be positive"),
+                            ("form", "magic", "valid: explicit, grad"),
+                            ("lr", -1.0, "not a valid --lr")]:
+        cfg_path.write_text(json.dumps({**cfg, key: value}))
+        assert main(["train", "--resume", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert f"{cfg_path}: {key} = {value!r} is not a valid" in err and msg in err, err
+    cfg_path.write_text(json.dumps(cfg))
+    shutil.rmtree(run / "checkpoints")
+    before = (run / "metrics.jsonl").read_text()
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "has 1 record(s)" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == before

@@ -297,6 +297,53 @@ _RUN_LOCAL = ("resume", "overwrite", "no_progress", "out", "func", "given_option
               "devices", "coordinator", "num_processes", "process_id")  # where, not what
 
 
+def _check_config_values(config: dict[str, Any], cfg_path: Path) -> None:
+    """A usage error naming ``config.json`` and the key when a saved option (edited by hand,
+    say) is one the command line would refuse: each value goes through its option's own
+    parser type and choices."""
+    sub = build_parser()._subparsers._group_actions[0].choices["train"]  # noqa: SLF001
+    for action in sub._actions:  # noqa: SLF001
+        key = action.dest
+        if key not in config or key in _RUN_LOCAL or config[key] is None:
+            continue
+        value = config[key]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):  # noqa: SLF001
+            ok = isinstance(value, bool)
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            if isinstance(value, list) and not value:
+                text = "none"
+            try:
+                typed = action.type(text) if callable(action.type) else text
+                ok = action.choices is None or typed in action.choices
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+                raise UsageError(f"{cfg_path}: {key} = {value!r} is not a valid "
+                                 f"{action.option_strings[0]} ({err}); fix the file or start "
+                                 "a new run") from None
+        if not ok:
+            valid = f"; valid: {', '.join(map(str, action.choices))}" if action.choices else ""
+            raise UsageError(f"{cfg_path}: {key} = {value!r} is not a valid "
+                             f"{action.option_strings[0]}{valid}; fix the file or start a new "
+                             "run")
+
+
+def _check_resumable(run: Path) -> None:
+    """A usage error when a run has records but no checkpoint to continue them from (its
+    checkpoints deleted, or a ``fbalign compare`` sub-run, which keeps none): resuming would
+    start it again from step 0 and replace its records."""
+    from fbalign._src.checkpoint import CHECKPOINT_DIR, latest_checkpoint
+
+    metrics = run / "metrics.jsonl"
+    if latest_checkpoint(run / CHECKPOINT_DIR) is not None or not metrics.is_file():
+        return
+    records = sum(1 for line in metrics.read_text().splitlines() if line.endswith("}"))
+    if records:
+        raise UsageError(f"cannot resume {run}: it has {records} record(s) in {metrics} but no "
+                         f"checkpoint in {run / CHECKPOINT_DIR} to continue them from; to train "
+                         "it again from step 0 start a new run (--out) or replace this one "
+                         f"(--out {run} --overwrite)")
+
+
 def _resume_args(args) -> argparse.Namespace:
     """The namespace of the run in ``args.resume``, rebuilt from its ``config.json``."""
     run = Path(args.resume)
@@ -313,6 +360,13 @@ def _resume_args(args) -> argparse.Namespace:
     defaults = vars(build_parser().parse_args(["train"]))
     norm = lambda v: list(v) if isinstance(v, tuple) else v
     typed = getattr(args, "given_options", None)  # what the command line named (main sets it)
+    if typed is not None and "out" in typed and Path(args.out).resolve() != run.resolve():
+        raise UsageError(f"--resume continues the run in {run}, where it writes; drop --out "
+                         f"{args.out} (to train elsewhere, start a new run with --out)")
+    if not isinstance(config, dict):
+        raise UsageError(f"cannot resume {run}: {cfg_path} does not hold a JSON object")
+    _check_config_values(config, cfg_path)
+    _check_resumable(run)
     given = {k: v for k, v in vars(args).items()
              if k not in _RUN_LOCAL and k in config
              and (k in typed if typed is not None else norm(v) != norm(defaults.get(k)))}
@@ -794,6 +848,19 @@ def _say_how_to_resume(out: Path | None) -> None:
           f"fbalign train --resume {out}", file=sys.stderr)
 
 
+def _previous_wall_time(args, out: Path | None) -> float:
+    """The training time a resumed run's earlier sessions recorded in ``summary.json`` (0 for a
+    new run, or when an earlier session was cut before writing one), so that resuming a run,
+    finished or not, adds to its wall time instead of replacing it."""
+    if not getattr(args, "resume", None) or out is None or not (out / "summary.json").is_file():
+        return 0.0
+    try:
+        value = json.loads((out / "summary.json").read_text()).get("wall_time_s")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return 0.0
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
 def _report(args, last: dict[str, Any], wall: float, out: Path | None, primary: bool) -> None:
     """``summary.json`` (process 0) and the line ``fbalign train`` prints: the final test error
     (or loss), per seed for an ensemble."""
@@ -802,7 +869,7 @@ def _report(args, last: dict[str, Any], wall: float, out: Path | None, primary: 
     from fbalign._src.train import json_safe
 
     summary = {k: v for k, v in last.items()}
-    summary["wall_time_s"] = wall
+    summary["wall_time_s"] = wall + _previous_wall_time(args, out)
     if primary:  # strict JSON: NaN/Inf become null
         (out / "summary.json").write_text(
             json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
