@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -305,3 +306,30 @@ def test_plot_and_compare_commands_write_files(tmp_path, capsys):
                  "--labels", "BP,DFA"]) == 0
     assert _is_png(png)
     assert main(["plot", str(tmp_path / "nope"), "--out", str(png)]) == 2
+
+
+def test_compare_checks_every_rule_first_and_records_a_stopped_rule(tmp_path, capsys,
+                                                                    monkeypatch):
+    """Issue 17 item 10: a rule that cannot run is refused before any rule trains; a rule that
+    stops (diverges) is recorded in the table while the others still run, and the command
+    exits non-zero."""
+    import fbalign._src.cli as cli
+    from fbalign.cli import main
+
+    base = ["compare", "--dataset", "digits", "--hidden", "8", "--epochs", "1", "--seeds", "1",
+            "--no-progress", "--log-alignment-every", "0"]
+    assert main(base + ["--rules", "bp,bfa", "--form", "grad", "--out", str(tmp_path / "a")]) == 2
+    assert "rule 'bfa' updates its feedback" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "bp").exists()  # refused before bp trained
+    real = cli.cmd_train
+
+    def diverging_fa(sub):
+        return 3 if sub.rule == "fa" else real(sub)
+
+    monkeypatch.setattr(cli, "cmd_train", diverging_fa)
+    assert main(base + ["--rules", "fa,dfa", "--out", str(tmp_path / "b")]) == 3
+    md = (tmp_path / "b" / "compare.md").read_text()
+    assert re.search(r"^\| `fa` \| stopped \(exit code 3; see .*\) \|", md, flags=re.M)
+    assert re.search(r"^\| `dfa` \| \d+\.\d+ \+- ", md, flags=re.M)
+    assert (tmp_path / "b" / "compare.png").is_file()
+    assert "fa stopped before finishing" in capsys.readouterr().err

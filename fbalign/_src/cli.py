@@ -644,18 +644,9 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_train_data(args):
-    """The dataset of ``fbalign train``, after the checks that need no data (so that a bad
-    option stops the run before any download)."""
-    from fbalign._src.data import load_dataset
-
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    kwargs: dict[str, Any] = {}
-    if args.dataset in ("mnist", "digits"):
-        kwargs["normalize"] = args.normalize
-    if args.dataset == "mnist" and args.data_dir:
-        kwargs["path"] = args.data_dir
+def check_run_options(args) -> None:
+    """The checks of a rule, model and form that need no data (usage errors): also run by
+    ``fbalign compare`` for every rule before the first one trains."""
     # The RNN records no Tape: it always trains through the rule's jax.grad form.
     _check_grad_form(args.rule, "grad" if args.model == "rnn" else args.form, args.model,
                      _rule_kwargs(args))
@@ -672,6 +663,21 @@ def _load_train_data(args):
             raise UsageError(f"--model rnn trains with --rule {', '.join(RNN_RULES)}; "
                              f"{args.rule!r} needs a layered feedforward network (--model mlp "
                              "or lenet5)")
+
+
+def _load_train_data(args):
+    """The dataset of ``fbalign train``, after the checks that need no data (so that a bad
+    option stops the run before any download)."""
+    from fbalign._src.data import load_dataset
+
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    kwargs: dict[str, Any] = {}
+    if args.dataset in ("mnist", "digits"):
+        kwargs["normalize"] = args.normalize
+    if args.dataset == "mnist" and args.data_dir:
+        kwargs["path"] = args.data_dir
+    check_run_options(args)
     try:
         data = load_dataset(args.dataset, val_fraction=args.val_fraction, seed=data_seed(args),
                             **kwargs)

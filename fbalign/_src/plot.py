@@ -15,6 +15,7 @@ import json
 import math
 import platform
 import re
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -382,6 +383,9 @@ def compare_table(rows: Sequence[dict], key: str) -> str:
     lines = [f"| rule | {head}, mean +- std | per seed | final train loss | epochs | wall (s) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
+        if "failed" in r:
+            lines.append(f"| `{r['rule']}` | {r['failed']} | | | | |")
+            continue
         per = ", ".join(_fmt(v, pct) for v in r["per_seed"])
         lines.append(f"| `{r['rule']}` | {_fmt(r['mean'], pct)} +- {_fmt(r['std'], pct)} | "
                      f"{per} | {r['train_loss']:.4g} | {r['epochs']} | {r['wall']:.1f} |")
@@ -401,11 +405,21 @@ def cmd_compare(args) -> int:
     spec = copy.copy(args)
     spec.out, spec.rule = str(base), "compare"
     base = cli.prepare_out(spec)  # refuses a non-empty directory unless --overwrite
-    rows = []
-    for rule in args.rules:
+    subs = []
+    for rule in args.rules:  # every rule's options checked before the first one trains
         sub = copy.copy(args)
         sub.rule, sub.out, sub.overwrite = rule, str(base / rule), True
-        cli.cmd_train(sub)
+        cli.check_run_options(sub)
+        subs.append(sub)
+    rows, failed = [], []
+    for sub in subs:
+        rule = sub.rule
+        code = cli.cmd_train(sub)
+        if code != 0 or not (base / rule / "summary.json").is_file():
+            failed.append(rule)
+            rows.append({"rule": rule, "failed": f"stopped (exit code {code}; see "
+                                                  f"{base / rule})"})
+            continue
         summ = json.loads((base / rule / "summary.json").read_text())
         key = "test_error" if "test_error" in summ else "test_loss"
         vals = summ[key] if isinstance(summ[key], list) else [summ[key]]
@@ -414,7 +428,8 @@ def cmd_compare(args) -> int:
                      "std": float(np.std(vals)), "epochs": args.epochs,
                      "train_loss": float(np.mean(tl)) if tl is not None else float("nan"),
                      "wall": summ.get("wall_time_s", float("nan"))})
-    key = rows[0]["key"]
+    done = [r for r in rows if "failed" not in r]
+    key = done[0]["key"] if done else "test_error"
     table = compare_table(rows, key)
     hidden = ",".join(map(str, args.hidden)) or "none"
     setup = (f"{args.dataset}, {args.model} hidden {hidden} ({args.activation}), "
@@ -423,8 +438,13 @@ def cmd_compare(args) -> int:
     md = (f"# fbalign compare\n\n{setup}\n\nMachine: {machine_line()}\n\n{table}\n\n"
           f"![comparison](compare.png)\n")
     (base / "compare.md").write_text(md)
-    plot_runs([base / r for r in args.rules], base / "compare.png",
-              labels=list(args.rules), bar=True, title=setup)
+    if done:
+        plot_runs([base / r["rule"] for r in done], base / "compare.png",
+                  labels=[r["rule"] for r in done], bar=True, title=setup)
     print(table)
-    print(f"wrote {base / 'compare.md'} and {base / 'compare.png'}")
+    print(f"wrote {base / 'compare.md'}" + (f" and {base / 'compare.png'}" if done else ""))
+    if failed:
+        print(f"fbalign: error: {', '.join(failed)} stopped before finishing; the table "
+              "records it and the other rules' results", file=sys.stderr)
+        return 3
     return 0
