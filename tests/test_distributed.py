@@ -277,6 +277,28 @@ def test_cli_multihost_flags_go_together(capsys, tmp_path):
     assert "missing --num-processes, --process-id" in capsys.readouterr().err
 
 
+def test_cli_absent_coordinator_is_named_within_the_connect_timeout(capsys, tmp_path):
+    """Issue 17 item 14: a process whose coordinator is absent stops after --connect-timeout
+    with a message, instead of waiting minutes and aborting the interpreter."""
+    import socket
+    import time
+
+    from fbalign._src.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    rc = main(["train", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+               "--process-id", "1", "--connect-timeout", "1", "--epochs", "1", "--no-progress",
+               "--out", str(tmp_path / "run")])
+    assert rc == 2 and time.monotonic() - t0 < 30
+    err = capsys.readouterr().err
+    assert f"cannot reach the coordinator 127.0.0.1:{port} within 1 s" in err
+    assert "start process 0 (--process-id 0) first" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_one_device_mesh_runs_in_process():
     """devices=1 goes through the shard_map path on the one device this session has."""
     import jax

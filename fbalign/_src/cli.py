@@ -294,7 +294,8 @@ def _add_reliability_args(p: argparse.ArgumentParser) -> None:
 # Options a resumed run may change: neither alters the steps already taken or the data order.
 _RESUME_MAY_CHANGE = ("epochs", "on_nonfinite", "max_skips")
 _RUN_LOCAL = ("resume", "overwrite", "no_progress", "out", "func", "given_options",
-              "devices", "coordinator", "num_processes", "process_id")  # where, not what
+              "devices", "coordinator", "num_processes", "process_id",
+              "connect_timeout")  # where, not what
 
 
 def _check_config_values(config: dict[str, Any], cfg_path: Path) -> None:
@@ -408,6 +409,9 @@ def _add_scale_args(p: argparse.ArgumentParser) -> None:
                    help="multi-host: number of processes (with --coordinator)")
     p.add_argument("--process-id", type=int, default=None, metavar="I",
                    help="multi-host: this process's index, 0 <= I < P (with --coordinator)")
+    p.add_argument("--connect-timeout", type=_positive(float), default=300.0, metavar="S",
+                   help="multi-host: seconds to wait for the coordinator and the other "
+                        "processes before stopping with an error (default 300)")
 
 
 def _init_multihost(args) -> None:
@@ -421,11 +425,15 @@ def _init_multihost(args) -> None:
     if missing:
         raise UsageError(f"multi-host training needs --coordinator, --num-processes and "
                          f"--process-id together; missing {', '.join(missing)}")
-    from fbalign._src.distributed import initialize
+    from fbalign._src.distributed import initialize, wait_for_coordinator
 
+    timeout = getattr(args, "connect_timeout", 300.0)
     try:
-        initialize(args.coordinator, args.num_processes, args.process_id)
-    except ValueError as err:
+        if args.process_id != 0:  # process 0 runs the coordinator; the others must reach it
+            wait_for_coordinator(args.coordinator, timeout)
+        initialize(args.coordinator, args.num_processes, args.process_id,
+                   initialization_timeout=max(1, int(timeout)))
+    except (ValueError, TimeoutError) as err:
         raise UsageError(str(err)) from None
 
 

@@ -159,6 +159,37 @@ def make_pmap_train_step(
 # ---------------------------------------------------------------------------------------------
 
 
+def wait_for_coordinator(coordinator: str, timeout: float, interval: float = 0.5) -> None:
+    """Waits until ``HOST:PORT`` accepts a TCP connection, for at most ``timeout`` seconds.
+
+    ``jax.distributed.initialize`` on a process whose coordinator is absent waits minutes and
+    then aborts the interpreter (a C++ fatal error, no Python exception); checking first turns
+    that into a `TimeoutError` that says what to do.
+    """
+    import socket
+    import time
+
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"coordinator must be HOST:PORT, got {coordinator!r}")
+    deadline = time.monotonic() + timeout
+    last: OSError | None = None
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)),
+                                          timeout=min(interval, timeout)):
+                return
+        except OSError as err:
+            last = err
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"cannot reach the coordinator {coordinator} within {timeout:g} s "
+                f"({last.strerror if last and last.strerror else last}); start process 0 "
+                "(--process-id 0) first, on the host and port that --coordinator names, check "
+                "that it is reachable from here, or raise --connect-timeout")
+        time.sleep(interval)
+
+
 def initialize(coordinator: str, num_processes: int, process_id: int, **kwargs: Any) -> None:
     """``jax.distributed.initialize`` with checked arguments; call it before any other JAX use.
 
