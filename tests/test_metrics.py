@@ -333,3 +333,51 @@ def test_compare_checks_every_rule_first_and_records_a_stopped_rule(tmp_path, ca
     assert re.search(r"^\| `dfa` \| \d+\.\d+ \+- ", md, flags=re.M)
     assert (tmp_path / "b" / "compare.png").is_file()
     assert "fa stopped before finishing" in capsys.readouterr().err
+
+
+def _fake_run(d, records, config=None):
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if config is not None:
+        (d / "config.json").write_text(config)
+    return d
+
+
+def test_plots_never_hide_a_run_silently(tmp_path):
+    """Issue 17 item 15: a single probe point gets a marker; an empty metrics.jsonl is an error
+    naming the run; an all-NaN run warns and is marked in the legend; classification and
+    regression runs together get both an error and a test-loss panel; a bad config.json line is
+    named."""
+    import warnings
+
+    from matplotlib.figure import Figure
+
+    from fbalign._src import plot as P
+
+    ax = Figure().subplots()
+    assert P._draw(ax, [5], [30.0], [0.0]).get_marker() == "o"
+    assert P._draw(ax, [5, 6], [30.0, 31.0], [0.0, 0.0]).get_marker() in ("None", None, "")
+    cls = _fake_run(tmp_path / "cls", [{"kind": "epoch", "epoch": 1, "step": 10,
+                                        "train_loss": 1.0, "test_loss": 1.1,
+                                        "test_error": 30.0}])
+    reg = _fake_run(tmp_path / "reg", [{"kind": "epoch", "epoch": 1, "step": 10,
+                                        "train_loss": 0.5, "test_loss": 0.6}])
+    both = [P.load_run(cls), P.load_run(reg)]
+    assert P._Panels.of(both, False).panels == ["loss", "error", "test_loss"]
+    assert P.plot_runs([cls, reg], tmp_path / "mix.png").is_file()
+    _fake_run(tmp_path / "empty", [])
+    with pytest.raises(ValueError, match="nothing to plot for empty: its metrics.jsonl has no"):
+        P.plot_runs([cls, tmp_path / "empty"], tmp_path / "e.png")
+    nan = _fake_run(tmp_path / "nan", [{"kind": "epoch", "epoch": 1, "step": 10,
+                                        "train_loss": None, "test_loss": None,
+                                        "test_error": None}])
+    runs = [P.load_run(cls), P.load_run(nan)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        P.plot_runs(runs, tmp_path / "nan.png")
+    assert any("run nan has no finite loss" in str(w.message) for w in caught)
+    assert runs[1]["label"].endswith("(no finite values)")
+    bad = _fake_run(tmp_path / "badcfg", [{"kind": "epoch", "epoch": 1, "train_loss": 1.0}],
+                    config='{"rule": "fa",\n "lr": }')
+    with pytest.raises(ValueError, match=f"{bad / 'config.json'}, line 2: not valid JSON"):
+        P.load_run(bad)

@@ -50,7 +50,11 @@ def load_run(run_dir: str | Path) -> RunData:
                              "--resume` repairs a record cut mid-write; else delete the line"
                              ) from None
     cfg_path = path.parent / "config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    try:
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg_path}, line {err.lineno}: not valid JSON ({err.msg} at column "
+                         f"{err.colno}); fix or delete the file") from None
     run = RunData(
         config=cfg,
         epochs=[r for r in recs if r.get("kind", "epoch") == "epoch"],
@@ -131,6 +135,8 @@ def _maybe_log(ax) -> None:
 def _draw(ax, steps, mean, std, **kw):
     import numpy as np
 
+    if len(steps) == 1:  # one point: a line would draw nothing
+        kw.setdefault("marker", "o")
     (line,) = ax.plot(steps, mean, **kw)
     m, s = np.asarray(mean), np.asarray(std)
     if np.any(s > 0):
@@ -178,6 +184,7 @@ def plot_runs(
     from matplotlib.lines import Line2D
 
     runs = _labelled_runs(runs, labels)
+    _check_drawable(runs)
     layout = _Panels.of(runs, bar)
     ncols = 2 if len(layout.panels) in (2, 4) else min(len(layout.panels), 3)
     nrows = math.ceil(len(layout.panels) / ncols)
@@ -198,6 +205,25 @@ def plot_runs(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
+
+
+def _check_drawable(runs: Sequence[RunData]) -> None:
+    """A `ValueError` when a run has no epoch record (an empty ``metrics.jsonl``: nothing to
+    draw); a `RuntimeWarning` when all of a run's losses are NaN/Inf (it diverged: it stays in
+    the legend, marked, but has no line)."""
+    import warnings
+
+    empty = [r["name"] for r in runs if not r["epochs"] and not r["probes"]]
+    if empty:
+        raise ValueError(f"nothing to plot for {', '.join(empty)}: its metrics.jsonl has no "
+                         "records (the run was stopped before its first epoch ended)")
+    for r in runs:
+        if r["epochs"] and not any(_finite(series(r["epochs"], k)[1])
+                                   for k in ("train_loss", "test_loss")):
+            warnings.warn(f"run {r['name']} has no finite loss (it diverged): it is in the "
+                          "legend, marked 'no finite values', with no line", RuntimeWarning,
+                          stacklevel=3)
+            r["label"] = f"{r['label']} (no finite values)"
 
 
 def _labelled_runs(runs: Sequence[str | Path | RunData],
@@ -233,7 +259,11 @@ class _Panels(NamedTuple):
         upd_keys = [k for k in _layer_keys(runs, "update_angle")
                     if any(_moves(series(r["probes"], k)[1]) for r in runs)]
         fb_keys = _layer_keys(runs, "feedback_angle")
-        panels = ["loss", "error" if has_error else "test_loss"]
+        # A mix of classification and regression runs shows both panels, each with its runs.
+        loss_only = any(not _finite(series(r["epochs"], "test_error")[1])
+                        and _finite(series(r["epochs"], "test_loss")[1]) for r in runs)
+        panels = ["loss", *(["error"] if has_error else []),
+                  *(["test_loss"] if loss_only or not has_error else [])]
         if upd_keys:
             panels.append("update")
         if fb_keys:
@@ -278,6 +308,8 @@ def _draw_test_metric(ax, panel: str, runs: Sequence[RunData], color: dict[str, 
     """Test error (panel ``"error"``) or, for runs without one, test loss (``"test_loss"``)."""
     key = "test_error" if panel == "error" else "test_loss"
     for r in runs:
+        if panel == "test_loss" and _finite(series(r["epochs"], "test_error")[1]):
+            continue  # a classification run: in the error panel
         _draw(ax, *series(r["epochs"], key), color=color[r["label"]], marker=".")
     if panel == "test_loss":
         _maybe_log(ax)
