@@ -4,16 +4,21 @@
 
 NNX: `Linear`, `Conv` (``rule`` in ``"bp"``, ``"fa"``, ``"kp"``, ``"sign"``/``"usf"``,
 ``"frsf"``, ``"brsf"``: magnitudes redrawn every call from the ``"feedback"`` rng stream), the
-`Feedback` variable type, `DFATap`, `feedback_grads`/`update_feedback` for
-Kolen-Pollack, and `convert` to switch an existing model's ``nnx.Linear``/``nnx.Conv`` layers to a
-rule. Linen: `LinenDense`, `LinenConv`, `LinenDFATap`, with feedback in the ``"feedback"``
-collection.
+`Feedback` variable type, `DFATap` (with `dfa_carrier`, `dfa_hidden`, `dfa_output`),
+`feedback_grads`/`update_feedback` for Kolen-Pollack, and `convert` to switch an existing model's
+linear layers (``nnx.Linear``, ``nnx.Conv``, ``nnx.LinearGeneral``, ``nnx.Einsum`` and their
+subclasses) to a rule in one call, the direct-feedback rules of `DFA_RULES` included (a
+`DirectFeedbackModel`); `summary` lists what a conversion changed and left alone.
+Linen: `LinenDense`, `LinenConv`, `LinenDFATap`, with feedback in the ``"feedback"`` collection.
 """
 
 from fbalign._src.flax_adapters import (
+    DFA_RULES,
     RULES,
     Conv,
+    ConversionSummary,
     DFATap,
+    DirectFeedbackModel,
     Feedback,
     Linear,
     LinenConv,
@@ -22,17 +27,22 @@ from fbalign._src.flax_adapters import (
     convert,
     default_feedback_init,
     dfa_carrier,
+    dfa_hidden,
     dfa_output,
     feedback_grads,
     shared_feedback,
     sign_feedback,
+    summary,
     update_feedback,
 )
 
 __all__ = [
+    "DFA_RULES",
     "RULES",
+    "ConversionSummary",
     "Conv",
     "DFATap",
+    "DirectFeedbackModel",
     "Feedback",
     "Linear",
     "LinenConv",
@@ -41,9 +51,11 @@ __all__ = [
     "convert",
     "default_feedback_init",
     "dfa_carrier",
+    "dfa_hidden",
     "dfa_output",
     "feedback_grads",
     "shared_feedback",
     "sign_feedback",
+    "summary",
     "update_feedback",
 ]

@@ -370,7 +370,9 @@ def test_convert_with_b_equal_w_is_backprop_in_place_and_single_layer():
     new = ff.convert(lin, "sign", _rngs(1))
     assert isinstance(new, ff.Linear) and new.feedback is None
     np.testing.assert_allclose(new(jnp.ones((1, 3))), lin(jnp.ones((1, 3))), rtol=1e-6)
-    with pytest.raises(ValueError, match="unknown rule"):
+    with pytest.raises(ValueError, match="unknown rule 'dfa2'"):
+        ff.convert(lin, "dfa2", _rngs(1))
+    with pytest.raises(ValueError, match="sample_input"):  # DFA traces the model's shapes
         ff.convert(lin, "dfa", _rngs(1))
 
 

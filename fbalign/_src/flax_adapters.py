@@ -25,6 +25,12 @@ This module imports flax; ``import fbalign`` never does.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+import threading
+import types
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,12 +39,21 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 from flax.errors import InvalidRngError
+from flax.nnx.nn.dtypes import promote_dtype
 
 from fbalign._src import primitives as P
-from fbalign._src.backward import Backward, DirectFeedback, LinearFeedback, SignFeedback
+from fbalign._src.backward import (
+    Backward,
+    DirectFeedback,
+    LinearFeedback,
+    SignFeedback,
+    TargetProjection,
+)
 from fbalign._src.feedback_init import glorot_std
+from fbalign._src.layers import _einsum_op as einsum_op
 from fbalign._src.layers import conv_op, glorot_dfa_std, shared_dfa_feedback
 from fbalign._src.models import matmul
+from fbalign._src.rules.bidirectional import bdfa_feedback_grad
 from fbalign._src.rules.sign_symmetry import DISTRIBUTIONS, draw_magnitude, sign_feedback
 
 Array = jax.Array
@@ -139,18 +154,28 @@ def _key_from(rngs: Any, stream: str) -> Array:
     raise TypeError(f"rngs must be an nnx.Rngs, nnx.RngStream or a key, got {type(rngs)}")
 
 
-def _dense(backward: Backward, x: Array, kernel: Array, bias: Array | None) -> Array:
+@functools.cache
+def _matmul_op(precision: Any) -> Callable[[Array, Array], Array]:
+    """``x @ w`` at ``precision``: one function object per precision, so `feedback_op` caches
+    (None is the core dense op `fbalign._src.models.matmul` itself)."""
+    if precision is None:
+        return matmul
+    return lambda x, w: jnp.matmul(x, w, precision=precision)
+
+
+def _dense(backward: Backward, x: Array, kernel: Array, bias: Array | None,
+           precision: Any = None) -> Array:
     """``x @ kernel + bias``, the matmul run by ``backward``."""
-    y = backward.linear(_KERNEL, matmul, x, kernel)
+    y = backward.linear(_KERNEL, _matmul_op(precision), x, kernel)
     if bias is not None:
         y = y + bias
     return y
 
 
 def _static(v):
-    if isinstance(v, (str, int)) or v is None:
-        return v
-    return tuple(_static(i) for i in v)
+    if isinstance(v, (list, tuple)):
+        return tuple(_static(i) for i in v)
+    return v
 
 
 def _tuple(v, n):
@@ -171,6 +196,7 @@ def _conv(
     input_dilation,
     kernel_dilation,
     feature_group_count: int,
+    precision: Any = None,
 ) -> Array:
     """Channels-last conv with flax's input conventions (extra or missing batch dims, circular /
     reflect / causal padding done on the input): the `conv_op` closure run by ``backward``."""
@@ -200,6 +226,7 @@ def _conv(
         lhs_dilation=_tuple(input_dilation, nsp),
         rhs_dilation=kernel_dilation,
         feature_group_count=feature_group_count,
+        precision=precision,
     )
     y = backward.linear(_KERNEL, op, x, kernel)
     if bias is not None:
@@ -256,13 +283,21 @@ class _FeedbackLayer(nnx.Module):
         return _brsf_magnitudes(key, kernel.shape, self.sign_scale, kernel.dtype,
                                 self.magnitude_distribution)
 
-    def _backward(self, rngs: Any) -> Backward:
-        """The rule's `Backward` object for one call (brSF draws its magnitudes here)."""
+    def _backward(self, rngs: Any, dtype: Any = None) -> Backward:
+        """The rule's `Backward` object for one call (brSF draws its magnitudes here), its
+        feedback cast to the compute ``dtype`` (None: the kernel's)."""
         if self.rule == "brsf":
             fb = self._magnitudes(rngs)
         else:
             fb = None if self.feedback is None else self.feedback[...]
+        if fb is not None and dtype is not None:
+            fb = fb.astype(dtype)
         return _rule_backward(self.rule, self.kernel[...].shape, fb, self.sign_scale)
+
+    def _operands(self, x: Array) -> tuple[Array, Array, Array | None]:
+        """``(x, kernel, bias)`` promoted to the compute ``dtype`` as flax's layers do."""
+        bias = None if self.bias is None else self.bias[...]
+        return promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
 
     def backward_kernel(self, rngs: Any = None) -> Array | None:
         """The tensor ``B`` the error is sent back through (None for backprop).
@@ -285,6 +320,9 @@ class Linear(_FeedbackLayer):
         `fbalign.rules.brsf` draws them; Liao, Leibo & Poggio 2016, "How important is weight
         symmetry in backpropagation?"; the name is BioTorch's, Sanfiz & Akrout 2021).
       use_bias, kernel_init, bias_init, param_dtype: as ``nnx.Linear``.
+      dtype, precision: the compute dtype (None: promote the input and the parameters, as
+        ``nnx.Linear``) and the matmul precision; the feedback is cast to the compute dtype,
+        so a bfloat16 layer sends its error back in bfloat16.
       feedback_init: initialiser of ``B`` (default std ``1/sqrt(out_features)``).
       sign_scale: magnitude for ``"sign"``, std ``s`` of brSF's ``R``; None is the Glorot std
         ``sqrt(2 / (fan_in + fan_out))`` of the kernel.
@@ -320,9 +358,14 @@ class Linear(_FeedbackLayer):
         sign_scale: float | None = None,
         magnitude_distribution: str = "uniform",
         param_dtype: Any = jnp.float32,
+        dtype: Any = None,
+        precision: Any = None,
         rng_collection: str = FEEDBACK_STREAM,
         rngs: nnx.Rngs,
     ):
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = _static(precision)
         self.rule = _check_rule(rule)
         self.in_features = in_features
         self.out_features = out_features
@@ -334,8 +377,8 @@ class Linear(_FeedbackLayer):
                            bias_init, feedback_init, param_dtype, rngs)
 
     def __call__(self, x: Array, *, rngs: Any = None) -> Array:
-        bias = None if self.bias is None else self.bias[...]
-        return _dense(self._backward(rngs), x, self.kernel[...], bias)
+        x, kernel, bias = self._operands(x)
+        return _dense(self._backward(rngs, kernel.dtype), x, kernel, bias, self.precision)
 
 
 class Conv(_FeedbackLayer):
@@ -344,7 +387,8 @@ class Conv(_FeedbackLayer):
     ``kernel`` is ``(*kernel_size, in_features // feature_group_count, out_features)``; the error
     reaching the input is the transposed convolution with ``B`` (see `Linear` for ``rule``,
     ``sign_scale``, ``magnitude_distribution``, ``rng_collection`` and brSF's per-call ``rngs``;
-    brSF's default std uses the fans ``kh*kw*cin``, ``kh*kw*cout``).
+    brSF's default std uses the fans ``kh*kw*cin``, ``kh*kw*cout``; ``dtype``/``precision`` as
+    there).
     Padding: ``"SAME"``, ``"VALID"``, ``"CIRCULAR"``, ``"REFLECT"``, ``"CAUSAL"``, an int, ints
     or ``(low, high)`` pairs.
     """
@@ -368,9 +412,14 @@ class Conv(_FeedbackLayer):
         sign_scale: float | None = None,
         magnitude_distribution: str = "uniform",
         param_dtype: Any = jnp.float32,
+        dtype: Any = None,
+        precision: Any = None,
         rng_collection: str = FEEDBACK_STREAM,
         rngs: nnx.Rngs,
     ):
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = _static(precision)
         if isinstance(kernel_size, int):
             kernel_size = (kernel_size,)
         if in_features % feature_group_count:
@@ -397,16 +446,18 @@ class Conv(_FeedbackLayer):
                            param_dtype, rngs)
 
     def __call__(self, x: Array, *, rngs: Any = None) -> Array:
+        x, kernel, bias = self._operands(x)
         return _conv(
-            self._backward(rngs),
+            self._backward(rngs, kernel.dtype),
             x,
-            self.kernel[...],
-            None if self.bias is None else self.bias[...],
+            kernel,
+            bias,
             self.strides,
             self.padding,
             self.input_dilation,
             self.kernel_dilation,
             self.feature_group_count,
+            self.precision,
         )
 
 
@@ -501,6 +552,22 @@ def update_feedback(
 # ---------------------------------------------------------------------------------------------
 # Converting an existing NNX model.
 
+# The direct-feedback rules `convert` builds: every converted layer but the first gets a tap on
+# its input (the error reaching it is replaced by ``e @ B_l``), and the model's output passes
+# through the rule's output primitive, both inside the `DirectFeedbackModel` that `convert`
+# returns.
+DFA_RULES = ("dfa", "srbp", "asrbp", "drtp", "bdfa")
+_READS_TARGETS = ("drtp", "bdfa")
+
+
+def _check_convert_rule(rule: str) -> str:
+    if rule not in RULES + DFA_RULES:
+        raise ValueError(
+            f"unknown rule {rule!r}; valid: {', '.join(RULES + DFA_RULES)} (convert's "
+            f"direct-feedback rules {', '.join(DFA_RULES)} need sample_input=)"
+        )
+    return rule
+
 
 def _get_child(parent: Any, key: Any) -> Any:
     if isinstance(key, str) and hasattr(parent, key):
@@ -515,27 +582,404 @@ def _set_child(parent: Any, key: Any, value: Any) -> None:
         parent[key] = value
 
 
+def _hashable(v: Any) -> Any:
+    """Lists (flax passes some) as tuples, so that an op's configuration can key a cache."""
+    if isinstance(v, list):
+        return tuple(_hashable(i) for i in v)
+    return v
+
+
+def _kwargs_key(kwargs: dict) -> tuple:
+    return tuple(sorted((k, _hashable(v)) for k, v in kwargs.items() if v is not None))
+
+
+# Flax's layers call their linear map through an attribute (``self.dot_general``,
+# ``self.conv_general_dilated``, ``self.einsum_op``); a converted layer's class turns that
+# attribute into the rule's feedback op, and everything else of the layer (``dtype``,
+# ``param_dtype``, ``precision``, ``promote_dtype``, a conv's ``mask``, LoRA branches) stays.
+
+
+@functools.cache
+def _dot_general_op(fn: Callable, dimension_numbers: Any, precision: Any, kwargs: tuple):
+    def op(x: Array, w: Array) -> Array:
+        return fn(x, w, dimension_numbers, precision=precision, **dict(kwargs))
+
+    return op
+
+
+@functools.cache
+def _conv_general_op(fn: Callable, window_strides: Any, padding: Any, kwargs: tuple):
+    def op(x: Array, w: Array) -> Array:
+        return fn(x, w, window_strides, padding, **dict(kwargs))
+
+    return op
+
+
+@functools.cache
+def _einsum_general_op(fn: Callable, spec: str, precision: Any, kwargs: tuple):
+    if fn is jnp.einsum and not kwargs:  # the core op of `fbalign.ops.fa_einsum`
+        return einsum_op(spec, precision)
+
+    def op(x: Array, w: Array) -> Array:
+        return fn(spec, x, w, precision=precision, **dict(kwargs))
+
+    return op
+
+
+def _feedback_dot_general(layer, fn, lhs, rhs, dimension_numbers, precision=None, **kwargs):
+    op = _dot_general_op(fn or jax.lax.dot_general, _hashable(dimension_numbers),
+                         _hashable(precision), _kwargs_key(kwargs))
+    return layer._feedback_backward(rhs).linear(_KERNEL, op, lhs, rhs)
+
+
+def _feedback_conv_general(layer, fn, lhs, rhs, window_strides, padding, **kwargs):
+    op = _conv_general_op(fn, _hashable(window_strides), _hashable(padding),
+                          _kwargs_key(kwargs))
+    return layer._feedback_backward(rhs).linear(_KERNEL, op, lhs, rhs)
+
+
+def _feedback_einsum(layer, fn, spec, x, w, precision=None, **kwargs):
+    op = _einsum_general_op(fn, spec, _hashable(precision), _kwargs_key(kwargs))
+    return layer._feedback_backward(w).linear(_KERNEL, op, x, w)
+
+
+_OP_ATTRS = ((nnx.Einsum, "einsum_op", _feedback_einsum),
+             (nnx.Conv, "conv_general_dilated", _feedback_conv_general),
+             (nnx.LinearGeneral, "dot_general", _feedback_dot_general),
+             (nnx.Linear, "dot_general", _feedback_dot_general))
+
+
+def _op_property(attr: str, impl: Callable) -> property:
+    def get(self):
+        return functools.partial(impl, self, vars(self).get(attr))
+
+    def set_(self, value):
+        vars(self)[attr] = value
+
+    return property(get, set_)
+
+
+def _feedback_backward(self, w: Array) -> Backward:
+    """The rule's `Backward` for one call of a converted flax layer; ``w`` is the kernel as the
+    op receives it (promoted to the compute dtype, masked), so the feedback is cast and masked
+    alike."""
+    if self.rule == "brsf":
+        fb = _brsf_magnitudes(self.feedback_rngs(), w.shape, self.sign_scale, w.dtype,
+                              self.magnitude_distribution)
+    else:
+        fb = None if self.feedback is None else self.feedback[...].astype(w.dtype)
+        mask = getattr(self, "mask", None)
+        if fb is not None and mask is not None:  # the masked connections send nothing
+            fb = fb * mask
+    return _rule_backward(self.rule, w.shape, fb, self.sign_scale)
+
+
+def _is_feedback_op_layer(m: Any) -> bool:
+    """A flax layer (or subclass) whose op `convert` turned into a rule's feedback op."""
+    return getattr(type(m), "_fbalign_feedback_op", False)
+
+
+def _base_class(cls: type) -> type:
+    return getattr(cls, "_fbalign_base", cls)
+
+
+@functools.cache
+def _feedback_class(base: type) -> type:
+    attr, impl = next((a, f) for c, a, f in _OP_ATTRS if issubclass(base, c))
+    # No mixin base and no __slots__: the class must keep flax's layout, as `convert` assigns
+    # it to existing instances (``__class__``).
+    ns = {attr: _op_property(attr, impl), "_fbalign_base": base, "__module__": __name__,
+          "_feedback_backward": _feedback_backward, "_fbalign_feedback_op": True,
+          "__doc__": f"``{base.__qualname__}`` whose ``{attr}`` is a feedback rule's op "
+                     "(made by `fbalign.flax.convert`)."}
+    return types.new_class(f"Feedback{base.__name__}", (base,), {},
+                           lambda d: d.update(ns))
+
+
+class _Slot:
+    """What one call of a `DirectFeedbackModel` threads through its layers: the error carrier
+    (made by the first tap), the rule, the targets; or, while `convert` traces, the shapes."""
+
+    def __init__(self, mode: str, rule: str | None = None, num_outputs: int = 0,
+                 batch_ndim: int = 1, labels: Any = None):
+        self.mode = mode  # "record", "train" or "off"
+        self.rule = rule
+        self.num_outputs = num_outputs
+        self.batch_ndim = batch_ndim
+        self.labels = labels
+        self.carrier: Array | None = None
+        self.records: dict[int, tuple] = {}
+        self.input_ids: set[int] = set()
+
+    def record(self, index: int, x: Array) -> None:
+        shape = tuple(x.shape)
+        if index in self.records and self.records[index][0] != shape:
+            raise ValueError(
+                f"convert: a converted layer is called on inputs of shapes "
+                f"{self.records[index][0]} and {shape}; a direct-feedback tap needs one shape "
+                "per layer (its B is (num_outputs, *feature shape))")
+        self.records.setdefault(index, (shape, id(x) in self.input_ids))
+
+    def targets(self, dtype: Any) -> Array | None:
+        if self.rule not in _READS_TARGETS:
+            return None
+        labels = jnp.asarray(self.labels)
+        shape = self.carrier.shape
+        if jnp.issubdtype(labels.dtype, jnp.integer) and labels.shape == shape[:-1]:
+            t = jax.nn.one_hot(labels, self.num_outputs, dtype=dtype)
+        elif labels.shape == shape:
+            t = labels.astype(dtype)
+        else:
+            raise ValueError(
+                f"labels must be integer classes of shape {shape[:-1]} or targets of the "
+                f"output's shape {shape}, got shape {labels.shape} and dtype {labels.dtype}")
+        if self.rule == "drtp":  # the batch mean's 1/n, as the core rule
+            t = t / math.prod(shape[:-1])
+        return t
+
+    def backward(self, feedback: dict) -> DirectFeedback:
+        """The core rule's `Backward` object (`fbalign._src.backward`) for this call."""
+        t = self.targets(self.carrier.dtype)
+        if self.rule == "drtp":
+            return TargetProjection(feedback=feedback, targets=t)
+        cotangent = {"asrbp": "activity", "bdfa": bdfa_feedback_grad}.get(self.rule, "zero")
+        return DirectFeedback(feedback=feedback, tap_cotangent=cotangent, targets=t)
+
+
+_LOCAL = threading.local()
+
+
+def _slots() -> list[_Slot]:
+    if not hasattr(_LOCAL, "stack"):
+        _LOCAL.stack = []
+    return _LOCAL.stack
+
+
+def _dfa_tap(layer: Any, x: Array) -> Array:
+    """The direct-feedback tap on a converted layer's input (identity forward)."""
+    stack = _slots()
+    if not stack:
+        raise RuntimeError(
+            f"{type(layer).__name__} was converted to a direct-feedback rule and must be called "
+            "through the DirectFeedbackModel that fbalign.flax.convert returned: that model "
+            "closes the output with the rule's output primitive, without which the hidden "
+            "layers would get no error (zero gradients)")
+    slot = stack[-1]
+    if slot.mode == "record":
+        slot.record(layer.dfa_index, x)
+        return x
+    fb = getattr(layer, "dfa_feedback", None)
+    if slot.mode == "off" or fb is None:
+        return x
+    b = fb[...]
+    nb = slot.batch_ndim
+    if slot.carrier is None:
+        slot.carrier = P.dfa_carrier((*x.shape[:nb], slot.num_outputs), b.dtype)
+    if x.shape[:nb] != slot.carrier.shape[:-1] or x.shape[nb:] != b.shape[1:]:
+        raise ValueError(
+            f"direct-feedback tap of shape {b.shape[1:]} (traced by convert) got an input of "
+            f"shape {x.shape} with batch shape {slot.carrier.shape[:-1]}: call the model on "
+            "inputs shaped like sample_input (the batch size may change)")
+    h, slot.carrier = slot.backward({_TAP: b}).tap(_TAP, x, slot.carrier)
+    return h
+
+
+@functools.cache
+def _tap_class(base: type) -> type:
+    def __call__(self, x, *args, **kwargs):
+        return base.__call__(self, _dfa_tap(self, x), *args, **kwargs)
+
+    ns = {"__call__": __call__, "_fbalign_base": base, "__module__": __name__,
+          "__doc__": f"``{base.__qualname__}`` with a direct-feedback tap on its input (made by "
+                     "`fbalign.flax.convert`; call it through its `DirectFeedbackModel`)."}
+    return types.new_class(f"DirectFeedback{base.__name__}", (base,), {},
+                           lambda d: d.update(ns))
+
+
+@jax.custom_vjp
+def _no_backward(y: Array) -> Array:
+    return y
+
+
+def _no_backward_fwd(y):
+    return y, None
+
+
+def _no_backward_bwd(_, g):
+    raise ValueError(
+        "DirectFeedbackModel.predict is for evaluation and has no backward: train with "
+        "model(x) (model(x, labels=...) for drtp and bdfa), which runs the rule's taps")
+
+
+_no_backward.defvjp(_no_backward_fwd, _no_backward_bwd)
+
+
+class DirectFeedbackModel(nnx.Module):
+    """A model converted to a direct-feedback rule by `convert`: call it as the original.
+
+    ``model(*args, **kwargs)`` runs the original forward; each converted layer but the first
+    taps its input and the output goes through the rule's output primitive, so ``nnx.grad``
+    gives the rule's updates:
+
+    * ``"dfa"`` (Nokland 2016, "Direct feedback alignment provides learning in deep neural
+      networks") and ``"srbp"`` (skipped random backprop, Baldi, Sadowski & Lu 2018, "Learning
+      in the machine: random backpropagation and the deep learning channel"): the error reaching
+      hidden activity ``h_l`` (a converted layer's input) is ``e @ B_l``, ``e = dL/dy``, so
+      ``delta_l = (e B_l) * f'(a_l)`` and ``dW_l = x_l^T delta_l``;
+    * ``"asrbp"`` (adaptive SRBP, Baldi et al. 2018): as srbp, and ``nnx.grad`` w.r.t.
+      `Feedback` (`feedback_grads`) returns ``e^T h_l`` for ``B_l``, which `update_feedback`
+      applies as ``B_l <- B_l - lr e^T h_l``;
+    * ``"drtp"`` (Frenkel, Lefebvre & Bol 2021, "Learning without feedback"): hidden layers get
+      ``(t / n) @ B_l`` from the one-hot target ``t``; call ``model(x, labels=y)``;
+    * ``"bdfa"`` (Luo, Fu & Glass 2017, "Bidirectional backpropagation"): DFA, and `Feedback`'s
+      gradient is the backward loss's (the core rule's ``bdfa_feedback_grad``); ``labels=``
+      needed.
+
+    The taps and the output primitive are the core ops (`fbalign.ops.dfa_hidden`,
+    `fbalign.ops.dfa_output`); the layers refuse to run outside this model, so the output
+    primitive cannot be forgotten. ``predict`` runs the forward alone (no labels; taking its
+    gradient raises).
+
+    Attributes:
+      model: the converted model; rule, num_outputs: as given to `convert`; batch_ndim: the
+      number of leading batch axes of the output (and of every tapped input).
+    """
+
+    def __init__(self, model: nnx.Module, rule: str, num_outputs: int, batch_ndim: int):
+        self.model = model
+        self.rule = rule
+        self.num_outputs = int(num_outputs)
+        self.batch_ndim = int(batch_ndim)
+
+    def _run(self, slot: _Slot, args, kwargs):
+        stack = _slots()
+        stack.append(slot)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            stack.pop()
+
+    def __call__(self, *args: Any, labels: Array | None = None, **kwargs: Any) -> Array:
+        if self.rule in _READS_TARGETS and labels is None:
+            raise ValueError(
+                f"rule {self.rule!r} sends the target to the hidden layers: call "
+                f"model(x, labels=y) (integer classes or targets of the output's shape); "
+                "model.predict(x) evaluates without labels")
+        slot = _Slot("train", self.rule, self.num_outputs, self.batch_ndim, labels)
+        y = self._run(slot, args, kwargs)
+        if slot.carrier is None:  # nothing tapped: a single converted layer
+            return y
+        if not hasattr(y, "shape") or y.shape != slot.carrier.shape:
+            raise ValueError(
+                f"the model's output must be one array of shape {slot.carrier.shape} (batch "
+                f"shape of the taps, num_outputs={self.num_outputs}), got "
+                f"{getattr(y, 'shape', type(y))}")
+        out = slot.backward({}).output(y.astype(slot.carrier.dtype), slot.carrier)
+        return out.astype(y.dtype)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Array:
+        """The forward pass alone, for evaluation: no taps, no labels; no gradient."""
+        return _no_backward(self._run(_Slot("off"), args, kwargs))
+
+
+def _converted_kind(m: Any) -> str | None:
+    """``"ff"`` (this module's `Linear`/`Conv`), ``"flax"`` (a flax layer whose op `convert`
+    swaps) or None."""
+    if isinstance(m, (Linear, Conv)):
+        return "ff"
+    base = _base_class(type(m))
+    if any(issubclass(base, c) for c, _, _ in _OP_ATTRS):
+        if isinstance(m, nnx.LinearGeneral) and m.dot_general_cls is not None:
+            return None
+        return "flax"
+    return None
+
+
+def _left_alone_reason(m: Any) -> tuple[str, bool] | None:
+    """Why a module with parameters stays backprop, and whether to warn (it holds a weight
+    matrix or kernel, so its input error is backprop's and not the rule's)."""
+    params = [v for v in vars(m).values() if isinstance(v, nnx.Param)]
+    if not params:
+        return None
+    heavy = any(jnp.ndim(v[...]) >= 2 for v in params)
+    if isinstance(m, nnx.Embed):
+        return "embedding (its integer input receives no error)", False
+    if isinstance(m, nnx.LinearGeneral):
+        return "LinearGeneral with dot_general_cls (no op convert can swap)", True
+    if isinstance(m, nnx.ConvTranspose):
+        return "ConvTranspose (calls lax.conv_transpose directly: no feedback form)", True
+    if isinstance(m, nnx.LoRA):
+        return "LoRA branch x @ A @ B (no feedback form)", True
+    if not heavy:
+        return "scale/offset parameters only (normalisation): passes the error as backprop", False
+    return f"{type(m).__name__} is not a layer convert knows", True
+
+
+def _path(path: tuple) -> str:
+    return "/".join(str(k) for k in path) or "<model>"
+
+
+def _set(module: Any, name: str, value: Any) -> None:
+    """Sets an attribute that may hold a Variable, an RNG stream or None."""
+    if name in vars(module):
+        delattr(module, name)
+    setattr(module, name, value if value is not None else nnx.data(None))
+
+
+def _feedback_stream(rngs: nnx.Rngs, stream: str):
+    try:
+        return rngs[stream].fork()
+    except KeyError:
+        raise ValueError(
+            f"rule='brsf' draws feedback magnitudes from the {stream!r} stream: give rngs "
+            f"that stream or a default one, e.g. nnx.Rngs(params=0, {stream}=1) or "
+            "nnx.Rngs(0)") from None
+
+
+def _swap_op(layer: Any, rule: str, rngs: nnx.Rngs, feedback_init, sign_scale,
+             magnitude_distribution, rng_collection) -> None:
+    """In place: ``layer``'s class becomes `_feedback_class` of its flax class; feedback is
+    drawn in the kernel's ``param_dtype``."""
+    layer.__class__ = _feedback_class(_base_class(type(layer)))
+    kernel = layer.kernel[...]
+    layer.rule = _check_rule(rule)
+    layer.sign_scale = sign_scale
+    layer.magnitude_distribution = magnitude_distribution
+    layer.rng_collection = rng_collection
+    fb = (Feedback(feedback_init(rngs.params(), kernel.shape, kernel.dtype))
+          if layer.rule in _STORES_FEEDBACK else None)
+    _set(layer, "feedback", fb)
+    _set(layer, "feedback_rngs",
+         _feedback_stream(rngs, rng_collection) if layer.rule == "brsf" else None)
+
+
+def _plain(layer: Any) -> bool:
+    """An exact ``nnx.Linear``/``nnx.Conv`` with flax's default op, promotion and no mask:
+    `Linear`/`Conv` of this module represent it exactly."""
+    if type(layer) is nnx.Linear:
+        op_ok = vars(layer).get("dot_general") is jax.lax.dot_general
+    elif type(layer) is nnx.Conv:
+        op_ok = (vars(layer).get("conv_general_dilated") is jax.lax.conv_general_dilated
+                 and layer.mask is None)
+    else:
+        return isinstance(layer, (Linear, Conv))
+    return (op_ok and layer.promote_dtype is promote_dtype
+            and layer.preferred_element_type is None)
+
+
 def _convert_layer(
     layer: nnx.Module, rule: str, rngs: nnx.Rngs, feedback_init, sign_scale,
     magnitude_distribution, rng_collection
 ) -> nnx.Module:
+    """A new `Linear`/`Conv` under ``rule`` with ``layer``'s weights, dtype and precision."""
     dtype = layer.kernel[...].dtype
-    if isinstance(layer, nnx.Linear):
-        new = Linear(
-            layer.in_features,
-            layer.out_features,
-            rule=rule,
-            use_bias=layer.use_bias,
-            feedback_init=feedback_init,
-            sign_scale=sign_scale,
-            magnitude_distribution=magnitude_distribution,
-            param_dtype=dtype,
-            rng_collection=rng_collection,
-            rngs=rngs,
-        )
+    common = dict(rule=rule, use_bias=layer.use_bias, feedback_init=feedback_init,
+                  sign_scale=sign_scale, magnitude_distribution=magnitude_distribution,
+                  param_dtype=dtype, dtype=layer.dtype, precision=layer.precision,
+                  rng_collection=rng_collection, rngs=rngs)
+    if isinstance(layer, (nnx.Linear, Linear)):
+        new = Linear(layer.in_features, layer.out_features, **common)
     else:
-        if getattr(layer, "mask", None) is not None:
-            raise NotImplementedError("convert: masked nnx.Conv layers are not supported")
         new = Conv(
             layer.in_features,
             layer.out_features,
@@ -545,14 +989,7 @@ def _convert_layer(
             input_dilation=layer.input_dilation,
             kernel_dilation=layer.kernel_dilation,
             feature_group_count=layer.feature_group_count,
-            rule=rule,
-            use_bias=layer.use_bias,
-            feedback_init=feedback_init,
-            sign_scale=sign_scale,
-            magnitude_distribution=magnitude_distribution,
-            param_dtype=dtype,
-            rng_collection=rng_collection,
-            rngs=rngs,
+            **common,
         )
     new.kernel[...] = layer.kernel[...]
     if layer.use_bias:
@@ -560,54 +997,207 @@ def _convert_layer(
     return new
 
 
+def _targets_of(model: nnx.Module):
+    found, left = [], []
+    for path, m in nnx.iter_modules(model):
+        kind = _converted_kind(m)
+        if kind is not None:
+            found.append((path, m))
+        else:
+            reason = _left_alone_reason(m)
+            if reason is not None:
+                left.append((path, m, *reason))
+    return found, left
+
+
+def _warn_left_alone(left, rule: str) -> None:
+    heavy = [f"{_path(p)} ({r})" for p, _, r, warn in left if warn]
+    if heavy:
+        warnings.warn(
+            f"convert(..., {rule!r}) left these layers as backprop (their input error is "
+            f"backprop's, not the rule's): {'; '.join(heavy)}. fbalign.flax.summary(model) "
+            "lists what was converted.", UserWarning, stacklevel=3)
+
+
+def _convert_dfa(model, rule, rngs, num_outputs, sample_input, feedback_init):
+    found, left = _targets_of(model)
+    layers = []
+    for path, m in found:
+        m.__class__ = _tap_class(_base_class(type(m)))
+        m.dfa_index = len(layers)
+        layers.append((path, m))
+    args = sample_input if isinstance(sample_input, tuple) else (sample_input,)
+    graphdef, state = nnx.split(model)
+    slot = _Slot("record")
+
+    def trace(state, *args):
+        slot.input_ids = {id(a) for a in args}
+        stack = _slots()
+        stack.append(slot)
+        try:
+            return nnx.merge(graphdef, state)(*args)
+        finally:
+            stack.pop()
+
+    out = jax.eval_shape(trace, state, *args)
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.ndim < 1:
+        raise ValueError(
+            f"convert(..., {rule!r}) needs a model that returns one array (..., num_outputs) "
+            f"on sample_input, got {jax.tree.map(lambda a: a.shape, out)}")
+    if num_outputs is None:
+        num_outputs = out.shape[-1]
+    elif out.shape[-1] != num_outputs:
+        raise ValueError(f"num_outputs={num_outputs} but the model's output on sample_input "
+                         f"has shape {out.shape} (last axis {out.shape[-1]})")
+    nb = out.ndim - 1
+    if rule in ("asrbp", "bdfa") and nb != 1:
+        raise ValueError(f"rule {rule!r} updates B from (batch, units) activity: it needs a "
+                         f"model whose output is (batch, num_outputs), got {out.shape}")
+    first = next(iter(slot.records), None)  # the first layer called (dicts keep order)
+    for index, (path, m) in enumerate(layers):
+        record = slot.records.get(index)
+        fb = None
+        if record is not None and index != first and not record[1]:
+            shape = record[0]
+            if shape[:nb] != out.shape[:nb]:
+                raise ValueError(
+                    f"convert(..., {rule!r}): layer {_path(path)} gets inputs of shape {shape} "
+                    f"but the output is {out.shape}: a tap needs the output's {nb} leading "
+                    "batch axes")
+            fshape = shape[nb:]
+            init = feedback_init or jax.nn.initializers.normal(
+                glorot_dfa_std(num_outputs, fshape))
+            fb = Feedback(init(rngs.params(), (num_outputs, *fshape), m.kernel[...].dtype))
+        _set(m, "dfa_feedback", fb)
+    return DirectFeedbackModel(model, rule, num_outputs, nb), left
+
+
 def convert(
     model: nnx.Module,
     rule: str,
     rngs: nnx.Rngs,
     *,
-    feedback_init: Initializer = default_feedback_init,
+    num_outputs: int | None = None,
+    sample_input: Any = None,
+    feedback_init: Initializer | None = None,
     sign_scale: float | None = None,
     magnitude_distribution: str = "uniform",
     rng_collection: str = FEEDBACK_STREAM,
     copy: bool = True,
+    warn: bool = True,
 ) -> nnx.Module:
-    """Converts every ``nnx.Linear``/``nnx.Conv`` of ``model`` to the ``rule`` version.
+    """Converts every linear layer of ``model`` to ``rule`` in one call; the forward is unchanged.
 
-    Weights and biases are copied; feedback is drawn from ``rngs``. Other modules (norms,
-    pooling, dropout, attention's internals that are not ``nnx.Linear``) are left as they are
-    and pass the error as usual. The forward pass is unchanged.
+    Layers converted: ``nnx.Linear``, ``nnx.Conv``, ``nnx.LinearGeneral`` (so every
+    ``nnx.MultiHeadAttention`` projection), ``nnx.Einsum``, their subclasses (``nnx.LoRALinear``:
+    its base kernel; the low-rank branch stays backprop) and this module's `Linear`/`Conv`
+    (switched to the new rule). A plain ``nnx.Linear``/``nnx.Conv`` becomes a `Linear`/`Conv`;
+    any other layer keeps its class's forward, with its op (``dot_general``,
+    ``conv_general_dilated``, ``einsum_op``) replaced by the rule's feedback op (the einsum one
+    is `fbalign.ops.fa_einsum`'s). ``dtype``, ``param_dtype`` and ``precision`` are kept, and
+    the feedback is cast to the compute dtype. Anything else holding a weight matrix or kernel
+    (``nnx.ConvTranspose``, LoRA branches, unknown layers) is left as backprop with a warning
+    naming each path; `summary` lists what was converted and what was left alone.
+
+    Rules of `RULES` (``"fa"``, ``"kp"``, ``"sign"``/``"usf"``, ``"frsf"``, ``"brsf"``, ``"bp"``)
+    send each layer's error back through ``B`` instead of ``W`` (see `Linear`). The
+    direct-feedback rules of ``DFA_RULES`` (``"dfa"``, ``"srbp"``, ``"asrbp"``, ``"drtp"``,
+    ``"bdfa"``) trace the model once on ``sample_input`` (``jax.eval_shape``: nothing is
+    computed) to find each layer's input shape, give every converted layer but the first a tap
+    with a `Feedback` ``B_l`` of shape ``(num_outputs, *input feature shape)`` (Glorot normal
+    std ``sqrt(2 / (num_outputs + n_l))`` unless ``feedback_init``), and return a
+    `DirectFeedbackModel` whose output passes through the rule's output primitive (see there for
+    the equations). Its gradient equals ``fbalign.mlp``'s ``apply(..., mode)`` on the same
+    weights and feedback.
 
     Args:
-      model: an NNX module (or a single ``nnx.Linear``/``nnx.Conv``).
-      rule: one of ``"bp"``, ``"fa"``, ``"kp"``, ``"sign"``/``"usf"``, ``"frsf"``, ``"brsf"``.
+      model: an NNX module (or a single layer).
+      rule: one of `RULES` or ``DFA_RULES``.
       rngs: draws the feedback; for ``"brsf"`` each layer forks its own magnitude stream from
         ``rngs``' ``rng_collection`` stream (``"feedback"``, or ``default``).
-      feedback_init, sign_scale, magnitude_distribution, rng_collection: passed to the new
-        layers.
+      num_outputs: direct-feedback rules: the output width (checked against the traced output;
+        None takes it from there).
+      sample_input: direct-feedback rules: an input (array or ``jax.ShapeDtypeStruct``), or a
+        tuple of positional inputs, shaped like a training batch (the batch size may differ).
+      feedback_init: initialiser of ``B`` (None: std ``1/sqrt(fan_out)`` for `RULES`, the Glorot
+        std above for direct feedback).
+      sign_scale, magnitude_distribution, rng_collection: as `Linear`.
       copy: convert a clone (default) and leave ``model`` untouched; ``False`` converts in place.
+      warn: warn about layers with weights left as backprop (default True).
 
     Returns:
-      The converted model.
+      The converted model (a `DirectFeedbackModel` for the direct-feedback rules).
     """
-    _check_rule(rule)
+    _check_convert_rule(rule)
     _check_distribution(magnitude_distribution)
-    targets = (nnx.Linear, nnx.Conv)
-    if type(model) in targets:
-        return _convert_layer(model, rule, rngs, feedback_init, sign_scale,
-                              magnitude_distribution, rng_collection)
     if copy:
         model = nnx.clone(model)
-    found = [
-        (path, m) for path, m in nnx.iter_modules(model) if type(m) in targets and len(path) > 0
-    ]
+    if rule in DFA_RULES:
+        if sample_input is None:
+            raise ValueError(
+                f"convert(model, {rule!r}) traces the model to find each tap's shape: pass "
+                "sample_input= (an input batch or a jax.ShapeDtypeStruct)")
+        out, left = _convert_dfa(model, rule, rngs, num_outputs, sample_input, feedback_init)
+        if warn:
+            _warn_left_alone(left, rule)
+        return out
+    feedback_init = feedback_init or default_feedback_init
+    args = (rule, rngs, feedback_init, sign_scale, magnitude_distribution, rng_collection)
+    found, left = _targets_of(model)
     for path, layer in found:
-        parent = model
-        for key in path[:-1]:
-            parent = _get_child(parent, key)
-        new = _convert_layer(layer, rule, rngs, feedback_init, sign_scale,
-                             magnitude_distribution, rng_collection)
-        _set_child(parent, path[-1], new)
+        if _plain(layer):
+            new = _convert_layer(layer, *args)
+            if not path:
+                return new
+            parent = model
+            for key in path[:-1]:
+                parent = _get_child(parent, key)
+            _set_child(parent, path[-1], new)
+        else:
+            _swap_op(layer, *args)
+    if warn:
+        _warn_left_alone(left, rule)
     return model
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionSummary:
+    """What `convert` did: ``converted`` and ``left_alone`` are ``(path, layer type, what)``
+    rows; ``str()`` prints them as a table."""
+
+    converted: tuple[tuple[str, str, str], ...]
+    left_alone: tuple[tuple[str, str, str], ...]
+
+    def __str__(self) -> str:
+        rows = [("converted", *r) for r in self.converted]
+        rows += [("left as backprop", *r) for r in self.left_alone]
+        widths = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True))
+                         + "  " + r[3] for r in rows)
+
+
+def summary(model: nnx.Module) -> ConversionSummary:
+    """The layers of ``model`` that follow a feedback rule and those left as backprop (every
+    module holding parameters that `convert` did not convert, and why)."""
+    rule = model.rule if isinstance(model, DirectFeedbackModel) else None
+    inner = model.model if rule is not None else model
+    found, left = _targets_of(inner)
+    converted = []
+    for path, m in found:
+        name = _base_class(type(m)).__name__
+        if rule is not None:
+            fb = getattr(m, "dfa_feedback", None)
+            what = (f"{rule} tap, B {tuple(fb.shape)}" if isinstance(fb, Feedback)
+                    else f"{rule}: no tap (first layer: its input is the data)")
+        else:
+            what = getattr(m, "rule", "bp")
+            if isinstance(m, (Linear, Conv)) or _is_feedback_op_layer(m):
+                what = f"rule {what}"
+            else:
+                what = "not converted (bp)"
+        converted.append((_path(path), name, what))
+    return ConversionSummary(tuple(converted),
+                             tuple((_path(p), type(m).__name__, r) for p, m, r, _ in left))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -748,4 +1338,5 @@ class LinenDFATap(nn.Module):
 
 
 dfa_carrier = P.dfa_carrier
+dfa_hidden = P.dfa_hidden
 dfa_output = P.dfa_output
