@@ -1,6 +1,6 @@
 """fbalign: learning rules beyond exact backpropagation, in pure JAX."""
 
-from fbalign import data, losses, models, ops, rules, train
+from fbalign import data, losses, models, ops, rules, sweep, train
 from fbalign._src.base import EmptyState, FeedbackShapeError, LearningRule, Tape, TapeRule
 from fbalign._src.feedback_init import gaussian_feedback, orthogonal_feedback, uniform_feedback
 from fbalign._src.losses import cross_entropy, squared_error
@@ -54,6 +54,7 @@ __all__ = [
     "ops",
     "orthogonal_feedback",
     "rules",
+    "sweep",
     "squared_error",
     "stop_error",
     "train",
@@ -209,14 +210,26 @@ __all__ += ["HopfieldNetwork", "activation_relaxation", "equilibrium_propagation
 from fbalign import optimizers  # noqa: E402
 from fbalign._src.rules.admm import admm  # noqa: E402
 from fbalign._src.rules.altmin import alternating_minimization  # noqa: E402
+from fbalign._src.rules.dynamic_inversion import dynamic_inversion  # noqa: E402
 from fbalign._src.rules.evolution import evolution_strategy  # noqa: E402
 from fbalign._src.rules.forward_forward import forward_forward  # noqa: E402
 from fbalign._src.rules.hsic import hsic_bottleneck  # noqa: E402
+from fbalign._src.rules.kickback import kickback  # noqa: E402
+from fbalign._src.rules.learned_feedback import (  # noqa: E402
+    activation_alignment,
+    information_alignment,
+    learned_feedback,
+    symmetric_alignment,
+)
 from fbalign._src.rules.local_forward_gradient import local_forward_gradient  # noqa: E402
 from fbalign._src.rules.local_losses import local_error_signals  # noqa: E402
+from fbalign._src.rules.msa import extended_msa  # noqa: E402
 from fbalign._src.rules.pepita import pepita  # noqa: E402
 from fbalign._src.rules.target_propagation import ddtp, drl, dtp, ldrl, tp  # noqa: E402
 
+__all__ += ["extended_msa", "kickback"]
+__all__ += ["activation_alignment", "dynamic_inversion", "information_alignment",
+            "learned_feedback", "symmetric_alignment"]
 __all__ += ["admm", "alternating_minimization", "ddtp", "drl", "dtp", "evolution_strategy",
             "forward_forward", "hsic_bottleneck", "ldrl", "local_error_signals",
             "local_forward_gradient", "optimizers", "pepita", "tp"]

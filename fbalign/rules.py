@@ -230,6 +230,13 @@ __all__ += [
 # gradient-free training (issue 16).
 from fbalign._src.rules.admm import ADMMState, admm, binary_hinge  # noqa: E402
 from fbalign._src.rules.altmin import AltMinState, alternating_minimization  # noqa: E402
+from fbalign._src.rules.dynamic_inversion import (  # noqa: E402
+    DynamicInversionState,
+    InversionFeedback,
+    check_stability,
+    dynamic_inversion,
+    invert,
+)
 from fbalign._src.rules.evolution import (  # noqa: E402
     EvolutionState,
     evolution_strategy,
@@ -247,6 +254,18 @@ from fbalign._src.rules.hsic import (  # noqa: E402
     linear_kernel,
     normalized_hsic,
 )
+from fbalign._src.rules.kickback import kickback  # noqa: E402
+from fbalign._src.rules.learned_feedback import (  # noqa: E402
+    LearnedFeedbackState,
+    RegularizedFeedback,
+    activation_alignment,
+    information_alignment,
+    learned_feedback,
+    primitive,
+    regularizer,
+    regularizer_grad,
+    symmetric_alignment,
+)
 from fbalign._src.rules.local_forward_gradient import (  # noqa: E402
     LocalForwardGradientState,
     activity_forward_gradient,
@@ -257,6 +276,7 @@ from fbalign._src.rules.local_losses import (  # noqa: E402
     local_error_signals,
     similarity_matrix,
 )
+from fbalign._src.rules.msa import extended_msa  # noqa: E402
 from fbalign._src.rules.pepita import PepitaState, pepita  # noqa: E402
 from fbalign._src.rules.target_propagation import (  # noqa: E402
     TargetPropState,
@@ -270,6 +290,22 @@ from fbalign._src.rules.target_propagation import (  # noqa: E402
 __all__ += [
     "ADMMState",
     "AltMinState",
+    "DynamicInversionState",
+    "InversionFeedback",
+    "LearnedFeedbackState",
+    "RegularizedFeedback",
+    "activation_alignment",
+    "check_stability",
+    "extended_msa",
+    "kickback",
+    "dynamic_inversion",
+    "information_alignment",
+    "invert",
+    "learned_feedback",
+    "primitive",
+    "regularizer",
+    "regularizer_grad",
+    "symmetric_alignment",
     "EvolutionState",
     "LocalForwardGradientState",
     "LocalLossState",

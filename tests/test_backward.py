@@ -161,12 +161,18 @@ LEGACY_MODES = {
     "kp": ("kp", {}), "wm": ("fa", {}), "bfa": ("fa", {}), "bdfa": ("bdfa", {}),
     "drtp": ("drtp", {}),
 }
+# Rules added after the mode strings went: their grad form is held to their explicit form in
+# their own test files (and in test_fa_family's grad == explicit check).
+NEWER_GRAD_RULES = {"ia", "sa", "aa", "dyninv"}
 GRAD_RULES = sorted(n for n, s in fb.RULES.items()
-                    if isinstance(s.make(), fb.TapeRule) and s.make().backward is not None)
+                    if isinstance(s.make(), fb.TapeRule) and s.make().backward is not None
+                    and n not in NEWER_GRAD_RULES)
 
 
 def test_every_rule_with_a_backward_has_a_legacy_mode():
-    assert set(GRAD_RULES) == set(LEGACY_MODES)
+    every = {n for n, s in fb.RULES.items()
+             if isinstance(s.make(), fb.TapeRule) and s.make().backward is not None}
+    assert every == set(LEGACY_MODES) | NEWER_GRAD_RULES
 
 
 def _legacy_step(model, rule, mode, kw, params, state, x, y, key):

@@ -676,7 +676,7 @@ def test_apply_modes_are_checked():
 # Conformance over the whole registry.
 
 DETERMINISTIC_INIT = {"bp", "usf"}  # feedback that does not depend on the key
-RANDOM_INIT = set(FEEDBACK_RULES) | {"fa", "dfa", "brsf"}
+RANDOM_INIT = set(FEEDBACK_RULES) | {"fa", "dfa", "brsf", "ia", "sa", "aa"}
 
 
 def _conformance_setup():

@@ -107,9 +107,10 @@ def _conformance(model, rule_name):
 # test_fa_family.test_registry_conformance; here: every rule with a step of its own, and the
 # lifts of a few tape rules (stateless, DFA-style, stateful, synthetic gradients).
 # ADMM keeps per-example variables (it needs Batch.index and num_examples, a ReLU net and a
-# squared-error loss): test_admm holds it to the same checks (jit, vmap, eval_shape) with those.
+# squared-error loss), Kickback a ReLU net with one output: test_admm and test_kickback hold them
+# to the same checks (jit, vmap, eval_shape) with those.
 PROTOCOL_RULES = sorted(({n for n, s in RULES.items() if not isinstance(s.make(), TapeRule)}
-                         | {"bp", "fa", "dfa", "kp", "dni"}) - {"admm"})
+                         | {"bp", "fa", "dfa", "kp", "dni"}) - {"admm", "kickback"})
 
 
 # Rules that train one kind of network conform on it (equilibrium propagation: its Hopfield net).

@@ -80,7 +80,7 @@ class Shallow(Backward):
         return P.stop_error(h)
 
 
-def _entry(feedback: Feedback, i: Any) -> Array | None:
+def feedback_entry(feedback: Feedback, i: Any) -> Array | None:
     if isinstance(feedback, Mapping):
         return feedback.get(i)
     return None if i == 0 else feedback[i]  # layer 0's input error goes nowhere
@@ -98,7 +98,7 @@ class LinearFeedback(Backward):
     kind: ClassVar[str | None] = "fa"
 
     def linear(self, i: Any, op: LinearOp, x: Array, w: Array) -> Array:
-        b = _entry(self.feedback, i)
+        b = feedback_entry(self.feedback, i)
         if b is None:
             return op(x, w)
         if b.shape != w.shape or b.dtype != w.dtype:
@@ -118,7 +118,7 @@ class SignFeedback(Backward):
     kind: ClassVar[str | None] = "sign"
 
     def linear(self, i: Any, op: LinearOp, x: Array, w: Array) -> Array:
-        m = _entry(self.feedback, i)
+        m = feedback_entry(self.feedback, i)
         if m is None:
             return op(x, w)
         return P.feedback_op(op)(x, w, jax.lax.stop_gradient(sign_feedback(w, m)))

@@ -27,19 +27,24 @@ MODELS = ("mlp", "lenet5", "rnn", "hopfield")
 # Rules that need one kind of network, and the rules a network other than an MLP trains with.
 _RULE_MODELS = {"ep": ("hopfield",), "pc": ("mlp",), "ar": ("mlp",),
                 **{r: ("mlp",) for r in ("tp", "dtp", "drl", "ddtp", "ldrl", "lsig", "ff",
-                                         "hsic", "pepita", "lfg", "altmin", "admm")}}
+                                         "hsic", "pepita", "lfg", "altmin", "admm", "emsa",
+                                         "kickback")}}
 # What a rule needs of the run where the command line does not say: option -> value.
 # - forward-forward's goodness is stated for ReLU layers, as are the HSIC bottleneck's nets;
 # - PEPITA: ReLU, SGD with lr 0.01 and momentum 0.9 (the paper's);
 # - ADMM's closed-form solves: ReLU hidden layers, a squared-error output, and the weight solve
 #   applied as is (sgd with lr 1: the update is params - W_solved);
-# - evolution strategies take Adam steps of 1e-2 (Salimans et al. 2017).
+# - evolution strategies take Adam steps of 1e-2 (Salimans et al. 2017);
+# - E-MSA's update is theta_old - theta_new (sgd with lr 1 applies the Hamiltonian ascent);
+# - Kickback is stated for ReLU nets with one output, trained on squared error.
 _RULE_DEFAULTS = {
     "ff": {"activation": "relu"},
     "hsic": {"activation": "relu"},
     "pepita": {"activation": "relu", "optimizer": "sgd", "lr": 0.01, "momentum": 0.9},
     "admm": {"activation": "relu", "loss": "squared_error", "optimizer": "sgd", "lr": 1.0},
     "es": {"lr": 1e-2},
+    "emsa": {"optimizer": "sgd", "lr": 1.0},
+    "kickback": {"activation": "relu", "loss": "squared_error"},
 }
 _HOPFIELD_RULES = ("ep", "bp", "fg")
 
@@ -917,6 +922,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scale_args(p)
     p.set_defaults(func=cmd_train)
     _add_report_commands(sub)
+    from fbalign._src.sweep import add_sweep_command
+
+    add_sweep_command(sub)
     return parser
 
 

@@ -50,8 +50,7 @@ from fbalign._src.backward import (
     TargetProjection,
 )
 from fbalign._src.feedback_init import glorot_std
-from fbalign._src.layers import _einsum_op as einsum_op
-from fbalign._src.layers import conv_op, glorot_dfa_std, shared_dfa_feedback
+from fbalign._src.layers import conv_op, einsum_op, glorot_dfa_std, shared_dfa_feedback
 from fbalign._src.models import matmul
 from fbalign._src.rules.bidirectional import bdfa_feedback_grad
 from fbalign._src.rules.sign_symmetry import DISTRIBUTIONS, draw_magnitude, sign_feedback

@@ -286,7 +286,7 @@ def kp_conv(x: Array, w: Array, b: Array, bias: Array | None = None, **conv_kwar
 
 
 @functools.cache
-def _einsum_op(spec: str, precision: Any):
+def einsum_op(spec: str, precision: Any):
     def op(x: Array, w: Array) -> Array:
         return jnp.einsum(spec, x, w, precision=precision)
 
@@ -309,7 +309,7 @@ def feedback_einsum(
     of multi-head attention. ``bias`` is added to the result (broadcast on trailing axes).
     """
     _check_feedback(w, b, "feedback_einsum")
-    y = feedback_op(_einsum_op(spec, precision), feedback_cotangent)(x, w, b)
+    y = feedback_op(einsum_op(spec, precision), feedback_cotangent)(x, w, b)
     if bias is not None:
         y = y + bias
     return y

@@ -15,15 +15,23 @@ from fbalign._src.rules.bidirectional import (
     bidirectional_feedback_alignment,
 )
 from fbalign._src.rules.drtp import direct_random_target_projection
+from fbalign._src.rules.dynamic_inversion import dynamic_inversion
 from fbalign._src.rules.equilibrium import equilibrium_propagation
 from fbalign._src.rules.evolution import evolution_strategy
 from fbalign._src.rules.feedback_alignment import direct_feedback_alignment, feedback_alignment
 from fbalign._src.rules.forward_forward import forward_forward
 from fbalign._src.rules.forward_gradient import forward_gradient
 from fbalign._src.rules.hsic import hsic_bottleneck
+from fbalign._src.rules.kickback import kickback
 from fbalign._src.rules.kolen_pollack import kolen_pollack, weight_mirror
+from fbalign._src.rules.learned_feedback import (
+    activation_alignment,
+    information_alignment,
+    symmetric_alignment,
+)
 from fbalign._src.rules.local_forward_gradient import local_forward_gradient
 from fbalign._src.rules.local_losses import local_error_signals
+from fbalign._src.rules.msa import extended_msa
 from fbalign._src.rules.pepita import pepita
 from fbalign._src.rules.predictive_coding import predictive_coding
 from fbalign._src.rules.random_backprop import (
@@ -94,6 +102,14 @@ RULES: dict[str, RuleSpec] = {
                      "bidirectional direct feedback alignment, Luo et al. 2017", stateful=True),
     "drtp": RuleSpec(direct_random_target_projection,
                      "direct random target projection, Frenkel et al. 2021"),
+    # Learned and structured feedback (issue 21).
+    "ia": RuleSpec(information_alignment,
+                   "information alignment (amp + null + decay), Kunin et al. 2020", stateful=True),
+    "sa": RuleSpec(symmetric_alignment,
+                   "symmetric alignment (self + decay), Kunin et al. 2020", stateful=True),
+    "aa": RuleSpec(activation_alignment,
+                   "activation alignment (amp + sparse), Kunin et al. 2020", stateful=True),
+    "dyninv": RuleSpec(dynamic_inversion, "dynamic inversion, Podlaski & Machens 2020"),
     # Rules with a step of their own (LearningRule): no tape, no jax.grad form.
     "fg": RuleSpec(forward_gradient, "forward gradient (weight perturbation), Baydin et al. 2022"),
     # Energy-based and relaxation rules (issue 13).
@@ -121,6 +137,10 @@ RULES: dict[str, RuleSpec] = {
     "altmin": RuleSpec(alternating_minimization,
                        "online alternating minimization, Choromanska et al. 2019"),
     "admm": RuleSpec(admm, "ADMM without gradients, Taylor et al. 2016"),
+    "emsa": RuleSpec(extended_msa, "extended method of successive approximations (E-MSA), "
+                                   "Li, Chen, Tai & E 2018"),
+    "kickback": RuleSpec(kickback, "Kickback (ReLU nets, one output), Balduzzi, Vanchinathan "
+                                   "& Buhmann 2015"),
     "es": RuleSpec(evolution_strategy,
                    "evolution strategies via evosax (OpenAI-ES, Salimans et al. 2017; SNES)"),
 }
