@@ -97,16 +97,45 @@ class LinearFeedback(Backward):
     learn: bool = False
     kind: ClassVar[str | None] = "fa"
 
-    def linear(self, i: Any, op: LinearOp, x: Array, w: Array) -> Array:
+    def checked_feedback(self, i: Any, w: Array) -> Array | None:
+        """``B_i``, or None for a layer without feedback; a ValueError naming the layer when
+        ``B_i`` does not have ``W_i``'s shape and dtype."""
         b = feedback_entry(self.feedback, i)
-        if b is None:
-            return op(x, w)
-        if b.shape != w.shape or b.dtype != w.dtype:
+        if b is not None and (b.shape != w.shape or b.dtype != w.dtype):
             raise ValueError(
                 f"feedback for layer {i} must have the weight's shape and dtype "
                 f"{tuple(w.shape)} {w.dtype}, got {tuple(b.shape)} {b.dtype}"
                 + (" (transposed?)" if b.shape == w.shape[::-1] else ""))
+        return b
+
+    def linear(self, i: Any, op: LinearOp, x: Array, w: Array) -> Array:
+        b = self.checked_feedback(i, w)
+        if b is None:
+            return op(x, w)
         return P.feedback_op(op, "weight" if self.learn else "zero")(x, w, b)
+
+
+def custom_linear_op(op: LinearOp, send_down: Callable[[Array, Array, Array, Array], Array],
+                     feedback_grad: Callable[[Array, Array, Array, Array], Array]):
+    """``f(x, w, b) = op(x, w)`` whose backward gives ``w`` its ordinary gradient, ``x`` the
+    error ``send_down(g, x, w, b)`` and ``b`` the cotangent ``feedback_grad(g, x, w, b)``: the
+    one ``custom_vjp`` that feedback rules with their own way down (dynamic inversion) or their
+    own feedback cotangent (learned feedback) fill in. Cache the result per rule setting."""
+
+    @jax.custom_vjp
+    def f(x: Array, w: Array, b: Array) -> Array:
+        return op(x, w)
+
+    def fwd(x, w, b):
+        return op(x, w), (x, w, b)
+
+    def bwd(res, g):
+        x, w, b = res
+        (gw,) = jax.vjp(lambda w_: op(x, w_), w)[1](g)
+        return send_down(g, x, w, b), gw, feedback_grad(g, x, w, b)
+
+    f.defvjp(fwd, bwd)
+    return f
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fbalign._src.backward import LinearFeedback, LinearOp, feedback_entry
+from fbalign._src.backward import LinearFeedback, LinearOp, custom_linear_op
 from fbalign._src.base import (
     Array,
     Params,
@@ -132,22 +132,8 @@ def _warn_unstable(ws: list, bs: list, alpha: float, dt: float, rule: str) -> No
 def _inverting_op(op: LinearOp, alpha: float, steps: int, dt: float):
     """``f(x, w, b) = op(x, w)`` whose backward sends the error down by `invert` (dynamic
     inversion through ``b``); ``w`` gets its ordinary gradient, ``b`` none."""
-
-    @jax.custom_vjp
-    def f(x: Array, w: Array, b: Array) -> Array:
-        return op(x, w)
-
-    def fwd(x, w, b):
-        return op(x, w), (x, w, b)
-
-    def bwd(res, g):
-        x, w, b = res
-        (gw,) = jax.vjp(lambda w_: op(x, w_), w)[1](g)
-        gx = invert(g, w, b, alpha, steps, dt, op, x)
-        return gx, gw, jnp.zeros_like(b)
-
-    f.defvjp(fwd, bwd)
-    return f
+    return custom_linear_op(op, lambda g, x, w, b: invert(g, w, b, alpha, steps, dt, op, x),
+                            lambda g, x, w, b: jnp.zeros_like(b))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,11 +146,9 @@ class InversionFeedback(LinearFeedback):
     kind: ClassVar[str | None] = "fa"
 
     def linear(self, i: Any, op: LinearOp, x: Array, w: Array) -> Array:
-        b = feedback_entry(self.feedback, i)
+        b = self.checked_feedback(i, w)
         if b is None:
             return op(x, w)
-        if b.shape != w.shape or b.dtype != w.dtype:
-            return super().linear(i, op, x, w)  # raises, naming the layer
         return _inverting_op(op, self.alpha, self.steps, self.dt)(x, w, jax.lax.stop_gradient(b))
 
 

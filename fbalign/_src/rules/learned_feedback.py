@@ -11,7 +11,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbalign._src.backward import LinearFeedback, LinearOp, feedback_entry
+from fbalign._src.backward import LinearFeedback, LinearOp, custom_linear_op
 from fbalign._src.base import (
     Array,
     LayerOp,
@@ -150,21 +150,11 @@ def _regularized_op(op: LinearOp, terms: tuple[tuple[str, float], ...]):
     alignment) and hands ``b`` the cotangent ``\\nabla_B R(x, W, B)``, the regulariser's gradient
     at the layer's recorded input: the ``jax.grad`` form of `learned_feedback`."""
 
-    @jax.custom_vjp
-    def f(x: Array, w: Array, b: Array) -> Array:
-        return op(x, w)
+    def through_b(g, x, w, b):
+        return jax.vjp(lambda x_: op(x_, b), x)[1](g)[0]
 
-    def fwd(x, w, b):
-        return op(x, w), (x, w, b)
-
-    def bwd(res, g):
-        x, w, b = res
-        (gw,) = jax.vjp(lambda w_: op(x, w_), w)[1](g)
-        (gx,) = jax.vjp(lambda x_: op(x_, b), x)[1](g)
-        return gx, gw, regularizer_grad(terms, x, w, b, op)
-
-    f.defvjp(fwd, bwd)
-    return f
+    return custom_linear_op(op, through_b,
+                            lambda g, x, w, b: regularizer_grad(terms, x, w, b, op))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,11 +166,9 @@ class RegularizedFeedback(LinearFeedback):
     kind: ClassVar[str | None] = "fa"
 
     def linear(self, i: Any, op: LinearOp, x: Array, w: Array) -> Array:
-        b = feedback_entry(self.feedback, i)
+        b = self.checked_feedback(i, w)
         if b is None:
             return op(x, w)
-        if b.shape != w.shape or b.dtype != w.dtype:
-            return super().linear(i, op, x, w)  # raises, naming the layer
         return _regularized_op(op, self.terms)(x, w, b)
 
 
