@@ -19,7 +19,19 @@ if (os.environ.get("FBALIGN_TEST_XLA_OPT") != "1"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_backend_optimization_level=0").strip()
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
+
+# Tests compile the same small programs again and again, across files and xdist workers: a
+# persistent compilation cache shared by the workers serves the repeats from disk.
+# FBALIGN_TEST_JAX_CACHE names another directory, or "off".
+_CACHE = os.environ.get("FBALIGN_TEST_JAX_CACHE",
+                        os.path.join(tempfile.gettempdir(), "fbalign-test-jax-cache"))
+if _CACHE != "off":
+    jax.config.update("jax_compilation_cache_dir", _CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

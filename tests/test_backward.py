@@ -189,7 +189,9 @@ def _legacy_step(model, rule, mode, kw, params, state, x, y, key):
     return rule.advance(params, state, updates, fb_grads, key=key, layers=model.layer_ops())
 
 
-@pytest.mark.parametrize("which", ["mlp", "lenet5"])
+# LeNet-5 (every rule, both forms, conv compiles) is slow: `pytest -m slow`; the MLP runs in CI,
+# and test_conv_explicit holds every rule's two forms to each other on LeNet-5.
+@pytest.mark.parametrize("which", ["mlp", pytest.param("lenet5", marks=pytest.mark.slow)])
 def test_every_rules_own_backward_equals_its_legacy_mode(which):
     """Each tape rule builds its Backward in its own file (TapeRule.backward); through the
     harness's grad form it gives the updates and next state of its legacy mode string."""

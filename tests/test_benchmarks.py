@@ -33,6 +33,7 @@ def _run(name: str, tmp_path: Path, *extra: str) -> str:
     return text
 
 
+@pytest.mark.slow
 def test_step_time_quick(tmp_path):
     text = _run("step_time", tmp_path)
     assert "FA with B = W equals backprop" in text
@@ -55,6 +56,7 @@ def test_ensemble_scaling_quick(tmp_path):
     assert "| 1 |" in text and "| 2 |" in text
 
 
+@pytest.mark.slow
 def test_memory_quick(tmp_path):
     text = _run("memory", tmp_path)
     assert "baseline" in text

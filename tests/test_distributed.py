@@ -354,6 +354,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two JAX processes and gloo (whose 30 s key deadline a loaded 2-core CI misses)
 def test_two_processes_train_in_lockstep(tmp_path):
     """`fbalign train --coordinator ... --num-processes 2 --process-id I` on 127.0.0.1 (2 fake
     CPU devices per process, 4 in all): both processes end with identical parameters, equal to

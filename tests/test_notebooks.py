@@ -18,7 +18,9 @@ def test_notebooks_are_present():
     assert [p.name for p in NOTEBOOKS] == ["01_feedback_alignment.ipynb", "02_dfa_mnist.ipynb"]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+# The MNIST notebook is an end-to-end run (slow: `pytest -m slow`); the first runs in CI.
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if "mnist" in p.stem
+                                  else p for p in NOTEBOOKS], ids=lambda p: p.stem)
 def test_notebook_executes(path, monkeypatch):
     monkeypatch.setenv("FBALIGN_NB_SMALL", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
