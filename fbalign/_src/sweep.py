@@ -50,6 +50,7 @@ from fbalign._src.rule_args import UsageError, check_rule_builds, parse_rule_arg
 from fbalign._src.runner import ensemble_step
 from fbalign._src.train import (
     TrainState,
+    evaluate_batches,
     init_train_state,
     json_safe,
     make_epoch_runner,
@@ -464,23 +465,6 @@ def _split_axes(plan: _Plan, axes: _Axes, configs: list[dict[str, Any]], rule_pr
         plan, axes, static_of((a,)), (a,), first, data.x_train, data.y_train))
 
 
-def _evaluate(eval_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray,
-              batch_size: int = 1000) -> dict[str, np.ndarray]:
-    """Loss, accuracy and error (%) per configuration: ``eval_fn(params, x, y) -> (sum of loss,
-    number correct)`` (each per configuration) summed over batches in float64."""
-    n = len(x)
-    loss = correct = 0.0
-    for s in range(0, n, batch_size):
-        lo, co = eval_fn(params, x[s:s + batch_size], y[s:s + batch_size])
-        loss = loss + np.asarray(lo, np.float64)
-        correct = correct + np.asarray(co, np.float64)
-    out = {"loss": loss / n}
-    if not np.any(np.isnan(correct)):
-        out["accuracy"] = correct / n
-        out["error"] = 100.0 * (1.0 - correct / n)
-    return out
-
-
 def _check_run(model: Any, data: Dataset, epochs: int, batch_size: int,
                chunk: int | None) -> None:
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
@@ -688,7 +672,7 @@ def _run_group(plan: _Plan, axes: _Axes, static: dict[str, Any], traced: tuple[s
         for split in ("val", "test"):
             xs, ys = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
             if len(xs):
-                for k, v in _evaluate(eval_fn, carry[0].params, xs, ys).items():
+                for k, v in evaluate_batches(carry[0].params, xs, ys, eval_fn).items():
                     for r, val in zip(recs, v, strict=True):
                         r[f"{split}_{k}"] = float(val)
         for i, r in zip(indices, recs, strict=True):

@@ -305,7 +305,7 @@ def evaluate(
         return {}
     if eval_fn is None:
         check_targets(x, y, output_width(model, params, x))
-    return {k: float(v) for k, v in _evaluate_raw(params, x, y, ev, batch_size).items()}
+    return {k: float(v) for k, v in evaluate_batches(params, x, y, ev, batch_size).items()}
 
 
 class FitResult(NamedTuple):
@@ -920,7 +920,7 @@ class _FitLoop:
         for split, xs, ys in (("val", data.x_val, data.y_val),
                               ("test", data.x_test, data.y_test)):
             if len(xs):
-                rec.update(_scalarise(f"{split}_", _evaluate_raw(
+                rec.update(_scalarise(f"{split}_", evaluate_batches(
                     program.host_params(self.state.params), xs, ys, program.eval_fn), ensemble))
         rec["epoch_time_s"] = time.perf_counter() - t0
         return rec
@@ -957,8 +957,9 @@ def _check_data_targets(model: Any, data: Dataset, params: Params, ensemble: boo
             check_targets(x, y, n_out, f"{data.name} y_{split}")
 
 
-def _evaluate_raw(params, x, y, eval_fn, batch_size: int = 1000) -> dict[str, Any]:
-    """Like `evaluate`, but works on (possibly seed-batched) outputs of ``eval_fn``."""
+def evaluate_batches(params, x, y, eval_fn, batch_size: int = 1000) -> dict[str, Any]:
+    """Like `evaluate`, but works on (possibly seed- or configuration-batched) outputs of
+    ``eval_fn(params, x, y) -> (sum of loss, number correct)``, summed over batches in float64."""
     n = len(x)
     tot_loss, tot_correct = 0.0, 0.0
     for s in range(0, n, batch_size):
