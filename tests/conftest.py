@@ -19,6 +19,14 @@ if (os.environ.get("FBALIGN_TEST_XLA_OPT") != "1"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_backend_optimization_level=0").strip()
 
+# Equality checks compare arithmetic: on a GPU, JAX's default float32 matmul is TF32 (about
+# 1e-3 relative), so the tests (and the subprocesses they start) run every matmul at full
+# precision (issue 17 item 17); on CPU nothing changes. FBALIGN_TEST_MATMUL_PRECISION=default
+# keeps JAX's default.
+if os.environ.get("FBALIGN_TEST_MATMUL_PRECISION", "highest") != "default":
+    os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION",
+                          os.environ.get("FBALIGN_TEST_MATMUL_PRECISION", "highest"))
+
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402

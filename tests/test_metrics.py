@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -381,3 +382,59 @@ def test_plots_never_hide_a_run_silently(tmp_path):
                     config='{"rule": "fa",\n "lr": }')
     with pytest.raises(ValueError, match=f"{bad / 'config.json'}, line 2: not valid JSON"):
         P.load_run(bad)
+
+
+def test_compare_resume_extends_and_continues_an_interrupted_comparison(tmp_path, capsys,
+                                                                        monkeypatch):
+    """Issue 17 item 10: ``compare --resume DIR`` continues a comparison: an interrupted rule
+    from its checkpoint (or from the start when it has none), finished rules kept as they are,
+    and ``--epochs`` extends every rule; the table equals that of an uninterrupted comparison."""
+    pytest.importorskip("matplotlib")
+    import fbalign._src.cli as cli
+    from fbalign.cli import main
+
+    base = ["compare", "--dataset", "digits", "--hidden", "8", "--seeds", "1", "--batch-size",
+            "128", "--lr", "0.01", "--no-progress", "--log-alignment-every", "0",
+            "--rules", "bp,fa"]
+    assert main(base + ["--epochs", "2", "--out", str(tmp_path / "ref")]) == 0
+    ref = (tmp_path / "ref" / "compare.md").read_text()
+    real, trained = cli.cmd_train, []
+
+    def interrupted_fa(sub):
+        trained.append(sub.rule)
+        return 130 if sub.rule == "fa" else real(sub)
+
+    monkeypatch.setattr(cli, "cmd_train", interrupted_fa)
+    out = tmp_path / "cmp"
+    assert main(base + ["--epochs", "1", "--out", str(out)]) == 130
+    assert f"fbalign compare --resume {out}" in capsys.readouterr().err
+    assert not (out / "compare.md").exists()
+    def spy(sub):  # a resumed run's rule is read from its config later: name it by its directory
+        trained.append(Path(sub.resume).name if sub.resume else sub.rule)
+        return real(sub)
+
+    monkeypatch.setattr(cli, "cmd_train", spy)
+    trained.clear()
+    assert main(["compare", "--resume", str(out), "--no-progress"]) == 0
+    assert trained == ["fa"]  # bp finished its epoch: kept, not trained again
+    one = (out / "compare.md").read_text()
+    assert re.search(r"^\| `fa` \| \d+\.\d+ \+- .* \| 1 \|", one, flags=re.M)
+    trained.clear()
+    assert main(["compare", "--resume", str(out), "--epochs", "2", "--no-progress"]) == 0
+    assert trained == ["bp", "fa"]
+    assert all(json.loads((out / r / "config.json").read_text())["epochs"] == 2
+               for r in ("bp", "fa"))
+
+    def errors(md):  # the table's test errors and epochs, without wall times
+        return [line.split("|")[1:6] for line in md.splitlines() if line.startswith("| `")]
+
+    assert errors((out / "compare.md").read_text()) == errors(ref)
+    # what --resume refuses, each before training anything
+    trained.clear()
+    assert main(["compare", "--resume", str(out), "--lr", "0.1"]) == 2
+    assert "drop --lr" in capsys.readouterr().err
+    assert main(["compare", "--resume", str(out), "--epochs", "1"]) == 2
+    assert "fewer than the 2" in capsys.readouterr().err
+    assert main(["compare", "--resume", str(tmp_path / "ref" / "bp")]) == 2
+    assert "no compare.json" in capsys.readouterr().err
+    assert trained == []

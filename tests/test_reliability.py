@@ -501,3 +501,45 @@ def test_plot_names_the_file_and_line_of_a_broken_record(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a JSON record"):
         load_run(out)
+
+
+@pytest.mark.parametrize("build, option", [
+    (lambda: fb.rules.kolen_pollack(weight_decay=-1.0), "weight_decay"),
+    (lambda: fb.rules.kolen_pollack(learning_rate=float("nan")), "learning_rate"),
+    (lambda: fb.rules.weight_mirror(noise_std=-1.0), "noise_std"),
+    (lambda: fb.rules.weight_mirror(noise_std=0.0), "noise_std"),
+    (lambda: fb.rules.adaptive_random_backprop(learning_rate=-1.0), "learning_rate"),
+    (lambda: fb.rules.adaptive_skipped_random_backprop(learning_rate=-0.1), "learning_rate"),
+    (lambda: fb.rules.random_backprop(learning_rate=float("inf")), "learning_rate"),
+    (lambda: fb.rules.bidirectional_feedback_alignment(learning_rate=-1.0), "learning_rate"),
+    (lambda: fb.rules.bidirectional_direct_feedback_alignment(learning_rate="x"),
+     "learning_rate"),
+    (lambda: fb.rules.sign_symmetry(scale=-1.0), "scale"),
+    (lambda: fb.rules.synthetic_gradients(learning_rate=-1e-3), "learning_rate"),
+])
+def test_rule_options_out_of_range_are_refused_when_built(build, option):
+    """Issue 17's adversarial pass: a negative weight decay, learning rate or noise, a NaN or a
+    string was accepted and trained silently (kp with weight_decay=-1 grows B and W). Each is
+    refused when the rule is built, naming the option."""
+    with pytest.raises(ValueError, match=rf": {option} must be"):
+        build()
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")])
+def test_feedback_scale_out_of_range_is_refused(scale):
+    """``scale`` of every rule's feedback initialiser must be positive and finite (a zero scale
+    gives zero feedback: no error reaches the hidden layers)."""
+    params = fb.mlp((4, 5, 3)).init(jax.random.PRNGKey(0))
+    for rule in (fb.rules.feedback_alignment(scale=scale),
+                 fb.rules.direct_feedback_alignment(scale=scale)):
+        with pytest.raises(ValueError, match="scale must be > 0"):
+            rule.init(jax.random.PRNGKey(0), params)
+    ok = fb.rules.kolen_pollack(learning_rate=0.0)  # 0 is allowed: the feedback stays fixed
+    assert ok.init(jax.random.PRNGKey(0), params).feedback[1].shape == (5, 3)
+
+
+def test_cli_rule_arg_out_of_range_is_a_usage_error(tmp_path, capsys):
+    assert main(["train", "--rule", "kp", "--rule-arg", "weight_decay=-1", "--hidden", "8",
+                 "--epochs", "1", "--out", str(tmp_path / "r")]) == 2
+    assert "weight_decay must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -335,8 +335,8 @@ def _check_config_values(config: dict[str, Any], cfg_path: Path) -> None:
 
 def _check_resumable(run: Path) -> None:
     """A usage error when a run has records but no checkpoint to continue them from (its
-    checkpoints deleted, or a ``fbalign compare`` sub-run, which keeps none): resuming would
-    start it again from step 0 and replace its records."""
+    checkpoints deleted, or stopped before its first one): resuming would start it again from
+    step 0 and replace its records."""
     from fbalign._src.checkpoint import CHECKPOINT_DIR, latest_checkpoint
 
     metrics = run / "metrics.jsonl"
@@ -949,9 +949,16 @@ def _add_report_commands(sub) -> None:
                    help="comma-separated rule names (default bp,fa,dfa); valid: "
                         f"{', '.join(RULES)}")
     _add_train_args(p, rule=False)
+    _add_reliability_args(p)
     for action in p._actions:
         if action.dest == "seeds":
             action.help = action.help.replace("(default 1)", "(default 3)")
+        elif action.dest == "resume":
+            action.metavar = "COMPARE_DIR"
+            action.help = ("continue the comparison in COMPARE_DIR: each rule's run from its "
+                           "newest checkpoint (finished rules are kept, or extended with a "
+                           "larger --epochs); only --epochs, --on-nonfinite and --max-skips may "
+                           "be given with it")
         elif action.dest == "out":
             action.help = ("directory for compare.md, compare.png and one run directory per "
                            "rule (default runs/compare-<dataset>-<time>)")
@@ -977,7 +984,7 @@ def _lazy(name: str) -> Callable:
     return getattr(plot, name)
 
 
-def _given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """The options the command line names (whatever their values: ``--seed 0`` counts even
     though 0 is the default), found by parsing it again into a namespace whose attributes all
     start as a sentinel (argparse only fills in defaults for attributes that are missing)."""
@@ -998,7 +1005,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fbalign`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.given_options = _given_options(parser, list(sys.argv[1:] if argv is None else argv))
+    args.given_options = given_options(parser, list(sys.argv[1:] if argv is None else argv))
     from fbalign._src.checkpoint import CheckpointError
     from fbalign._src.data import DataError
 

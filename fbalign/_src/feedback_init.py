@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from fbalign._src.base import Array, PRNGKey
+from fbalign._src.checks import check_number
 
 Initializer = Callable[[PRNGKey, tuple[int, ...], jnp.dtype], Array]
 
@@ -100,6 +101,7 @@ def resolve_initializer(init: str | Initializer, scale: float | None, fan: int) 
     variance-preserving default for a backward map with ``fan`` inputs: std ``1/sqrt(fan)``,
     limit ``sqrt(3/fan)``, gain 1. A callable is used as given, multiplied by ``scale`` if set.
     """
+    check_number("feedback init", "scale", scale, low=0, low_open=True, optional=True)
     if callable(init):
         if scale is None:
             return init

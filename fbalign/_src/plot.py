@@ -424,49 +424,175 @@ def compare_table(rows: Sequence[dict], key: str) -> str:
     return "\n".join(lines)
 
 
-def cmd_compare(args) -> int:
-    """``fbalign compare --rules bp,fa,dfa --seeds K [train options]``."""
-    import numpy as np
+COMPARE_CONFIG = "compare.json"  # the options of a comparison, what --resume reads back
+# What `fbalign compare --resume` may be given besides the directory (as `train --resume`).
+_COMPARE_RESUMABLE = ("epochs", "on_nonfinite", "max_skips", "no_progress", "resume")
 
+
+def cmd_compare(args) -> int:
+    """``fbalign compare --rules bp,fa,dfa --seeds K [train options]``, or ``fbalign compare
+    --resume DIR [--epochs N]``: continues every rule's run in DIR from its newest checkpoint
+    (finished rules are kept as they are, or extended to more epochs)."""
     try:
         _matplotlib()  # fail before training, not after
     except ImportError as err:
         raise cli.UsageError(str(err)) from err
-    base = Path(args.out) if args.out else Path("runs") / (
-        f"compare-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    spec = copy.copy(args)
-    spec.out, spec.rule = str(base), "compare"
-    base = cli.prepare_out(spec)  # refuses a non-empty directory unless --overwrite
-    subs = []
-    for rule in args.rules:  # every rule's options checked before the first one trains
-        sub = copy.copy(args)
-        sub.rule, sub.out, sub.overwrite = rule, str(base / rule), True
-        cli.check_run_options(sub)
-        subs.append(sub)
+    base, subs, epochs = _resume_compare(args) if args.resume else _new_compare(args)
     rows, failed = [], []
-    for sub in subs:
-        rule = sub.rule
-        code = cli.cmd_train(sub)
+    for rule, sub in subs:
+        code = 0 if sub is None else cli.cmd_train(sub)
+        if code == 130:  # Ctrl-C: the other rules are not started
+            print(f"fbalign: compare interrupted while training {rule}; every rule's run so far "
+                  f"is kept; continue the comparison with: fbalign compare --resume {base}",
+                  file=sys.stderr)
+            return 130
         if code != 0 or not (base / rule / "summary.json").is_file():
             failed.append(rule)
             rows.append({"rule": rule, "failed": f"stopped (exit code {code}; see "
                                                   f"{base / rule})"})
             continue
-        summ = json.loads((base / rule / "summary.json").read_text())
-        key = "test_error" if "test_error" in summ else "test_loss"
-        vals = summ[key] if isinstance(summ[key], list) else [summ[key]]
-        tl = summ.get("train_loss")
-        rows.append({"rule": rule, "key": key, "per_seed": vals, "mean": float(np.mean(vals)),
-                     "std": float(np.std(vals)), "epochs": args.epochs,
-                     "train_loss": float(np.mean(tl)) if tl is not None else float("nan"),
-                     "wall": summ.get("wall_time_s", float("nan"))})
+        rows.append(_compare_row(rule, base / rule, epochs))
+    _write_comparison(args, base, rows, epochs)
+    if failed:
+        print(f"fbalign: error: {', '.join(failed)} stopped before finishing; the table "
+              "records it and the other rules' results", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _new_compare(args) -> tuple[Path, list, int]:
+    """A new comparison: its directory (made), ``compare.json``, and one ``train`` namespace per
+    rule, every rule's options checked before the first one trains."""
+    base = Path(args.out) if args.out else Path("runs") / (
+        f"compare-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    spec = copy.copy(args)
+    spec.out, spec.rule = str(base), "compare"
+    base = cli.prepare_out(spec)  # refuses a non-empty directory unless --overwrite
+    subs = [(rule, _compare_sub(args, rule, base)) for rule in args.rules]
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
+              if k not in ("func", "given_options", "resume", "overwrite", "out")}
+    config["given_options"] = sorted(getattr(args, "given_options", None) or ())
+    (base / COMPARE_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return base, subs, args.epochs
+
+
+def _compare_sub(args, rule: str, base: Path):
+    """The ``fbalign train`` namespace of ``rule``'s run in a comparison (checked)."""
+    sub = copy.copy(args)
+    sub.rule, sub.out, sub.overwrite, sub.resume = rule, str(base / rule), True, None
+    cli.check_run_options(sub)
+    return sub
+
+
+def _resume_compare(args) -> tuple[Path, list, int]:
+    """The comparison in ``args.resume`` and what each rule still needs: nothing (finished at
+    the epochs asked for), ``train --resume`` of its run (a checkpoint exists), or a new run
+    (never started, or stopped before its first checkpoint; said on stderr)."""
+    import argparse
+
+    from fbalign._src.checkpoint import CHECKPOINT_DIR, latest_checkpoint
+
+    base, config = _compare_config(args)
+    extend = {k for k in ("epochs", "on_nonfinite", "max_skips")
+              if k in (getattr(args, "given_options", None) or ())}
+    epochs = args.epochs if "epochs" in extend else config["epochs"]
+    if epochs != config["epochs"]:
+        (base / COMPARE_CONFIG).write_text(json.dumps({**config, "epochs": epochs}, indent=2)
+                                           + "\n")
+    fresh = argparse.Namespace(**{**vars(args), **{
+        k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}})
+    fresh.given_options = set(config.get("given_options", ()))
+    fresh.epochs, fresh.no_progress = epochs, args.no_progress
+    for k in extend - {"epochs"}:
+        setattr(fresh, k, getattr(args, k))
+    subs = []
+    for rule in config["rules"]:
+        run = base / rule
+        if _finished(run, epochs):
+            subs.append((rule, None))
+        elif (run / "config.json").is_file() and latest_checkpoint(run / CHECKPOINT_DIR):
+            argv = ["train", "--resume", str(run)] + [
+                f"--{k.replace('_', '-')}={getattr(args, k)}" for k in sorted(extend)]
+            argv += ["--no-progress"] if args.no_progress else []
+            parser = cli.build_parser()
+            sub = parser.parse_args(argv)
+            sub.given_options = cli.given_options(parser, argv)
+            subs.append((rule, sub))
+        else:
+            if run.exists():
+                print(f"fbalign: compare: {run} has no checkpoint to continue from; training "
+                      f"{rule} again from the start", file=sys.stderr)
+            subs.append((rule, _compare_sub(fresh, rule, base)))
+    return base, subs, epochs
+
+
+def _compare_config(args) -> tuple[Path, dict]:
+    """The directory and ``compare.json`` of ``fbalign compare --resume DIR``; usage errors for
+    a directory that is not a comparison and for options that would change it."""
+    base = Path(args.resume)
+    path = base / COMPARE_CONFIG
+    if args.overwrite:
+        raise cli.UsageError("--resume continues a comparison and --overwrite replaces it; pass "
+                             "only one")
+    if not path.is_file():
+        raise cli.UsageError(f"cannot resume {base}: it has no {COMPARE_CONFIG} (pass a "
+                             "directory written by fbalign compare)")
+    try:
+        config = json.loads(path.read_text())
+        rules, start = list(config["rules"]), int(config["epochs"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise cli.UsageError(f"cannot resume {base}: {path} is not a comparison's options "
+                             f"({type(err).__name__}: {err}); start a new comparison") from None
+    named = set(getattr(args, "given_options", None) or ()) - set(_COMPARE_RESUMABLE)
+    if named:
+        raise cli.UsageError(
+            f"--resume takes the comparison's options from {path} (only --epochs, "
+            "--on-nonfinite, --max-skips may change); drop "
+            + ", ".join(f"--{k.replace('_', '-')}" for k in sorted(named)))
+    if args.epochs < start and "epochs" in (getattr(args, "given_options", None) or ()):
+        raise cli.UsageError(f"--epochs {args.epochs} is fewer than the {start} the comparison in "
+                             f"{base} was started with; --resume can only extend it")
+    if not rules:
+        raise cli.UsageError(f"cannot resume {base}: {path} names no rules")
+    return base, config
+
+
+def _finished(run: Path, epochs: int) -> bool:
+    """Whether a comparison's run of one rule finished ``epochs`` epochs: its summary (written
+    last) is of that epoch (a run extended by ``--resume --epochs`` and stopped part-way still
+    holds the summary of the epoch before)."""
+    try:
+        return json.loads((run / "summary.json").read_text()).get("epoch") == epochs
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _compare_row(rule: str, run: Path, epochs: int) -> dict:
+    """A row of the comparison table from a finished run's ``summary.json``."""
+    import numpy as np
+
+    summ = json.loads((run / "summary.json").read_text())
+    key = "test_error" if "test_error" in summ else "test_loss"
+    vals = summ[key] if isinstance(summ[key], list) else [summ[key]]
+    tl = summ.get("train_loss")
+    return {"rule": rule, "key": key, "per_seed": vals, "mean": float(np.mean(vals)),
+            "std": float(np.std(vals)), "epochs": epochs,
+            "train_loss": float(np.mean(tl)) if tl is not None else float("nan"),
+            "wall": summ.get("wall_time_s", float("nan"))}
+
+
+def _write_comparison(args, base: Path, rows: list[dict], epochs: int) -> None:
+    """``compare.md`` (the table, the setup and the machine) and ``compare.png``; prints the
+    table."""
+    config = json.loads((base / COMPARE_CONFIG).read_text())
     done = [r for r in rows if "failed" not in r]
     key = done[0]["key"] if done else "test_error"
     table = compare_table(rows, key)
-    hidden = ",".join(map(str, args.hidden)) or "none"
-    setup = (f"{args.dataset}, {args.model} hidden {hidden} ({args.activation}), "
-             f"{args.optimizer} lr {args.lr}, batch {args.batch_size}, {args.epochs} epochs, "
-             f"{args.seeds} seed{'s' if args.seeds > 1 else ''} from {args.seed}")
+    hidden = ",".join(map(str, config["hidden"])) or "none"
+    seeds = config["seeds"]
+    setup = (f"{config['dataset']}, {config['model']} hidden {hidden} ({config['activation']}), "
+             f"{config['optimizer']} lr {config['lr']}, batch {config['batch_size']}, {epochs} "
+             f"epochs, {seeds} seed{'s' if seeds > 1 else ''} from {config['seed']}")
     md = (f"# fbalign compare\n\n{setup}\n\nMachine: {machine_line()}\n\n{table}\n\n"
           f"![comparison](compare.png)\n")
     (base / "compare.md").write_text(md)
@@ -475,8 +601,3 @@ def cmd_compare(args) -> int:
                   labels=[r["rule"] for r in done], bar=True, title=setup)
     print(table)
     print(f"wrote {base / 'compare.md'}" + (f" and {base / 'compare.png'}" if done else ""))
-    if failed:
-        print(f"fbalign: error: {', '.join(failed)} stopped before finishing; the table "
-              "records it and the other rules' results", file=sys.stderr)
-        return 3
-    return 0

@@ -23,6 +23,7 @@ from fbalign._src.base import (
     descending_advance,
 )
 from fbalign._src.channel import as_targets
+from fbalign._src.checks import check_number
 from fbalign._src.feedback_init import Initializer
 from fbalign._src.rules.feedback_alignment import (
     DFA_ORIENTATION,
@@ -99,6 +100,8 @@ def bidirectional_feedback_alignment(
       Luo, Fu & Glass (2017), "Bidirectional backpropagation: Towards biologically plausible
       error signal transmission in neural networks", arXiv:1702.07097 (BFA, eqs. 15-29).
     """
+    check_number("bidirectional_feedback_alignment", "learning_rate",
+                 learning_rate, low=0)
     act = _activation(activation)
     act_x = _activation(input_activation)
 
@@ -219,6 +222,8 @@ def bidirectional_direct_feedback_alignment(
       error signal transmission in neural networks", arXiv:1702.07097 (v4, Sec. 4.2: BDFA,
       eqs. 30-42).
     """
+    check_number("bidirectional_direct_feedback_alignment", "learning_rate",
+                 learning_rate, low=0)
     name = "bidirectional_direct_feedback_alignment"
 
     def init_fn(key: PRNGKey, params: Params) -> BidirectionalDirectFeedbackAlignmentState:

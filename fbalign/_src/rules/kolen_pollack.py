@@ -20,6 +20,7 @@ from fbalign._src.base import (
     check_feedback_shapes,
     dense_layers,
 )
+from fbalign._src.checks import check_number
 from fbalign._src.feedback_init import Initializer
 from fbalign._src.rules.feedback_alignment import FA_ORIENTATION, draw_feedback, fa_feedback_shapes
 
@@ -81,6 +82,8 @@ def kolen_pollack(
       Akrout, Wilson, Humphreys, Lillicrap & Tweed (2019), "Deep learning without weight
       transport", NeurIPS 32 (eqs. 16-17).
     """
+    check_number("kolen_pollack", "learning_rate", learning_rate, low=0)
+    check_number("kolen_pollack", "weight_decay", weight_decay, low=0)
 
     def init_fn(key: PRNGKey, params: Params) -> KolenPollackState:
         dtype = dense_layers(params)[0][0].dtype
@@ -211,6 +214,9 @@ def weight_mirror(
       Akrout, Wilson, Humphreys, Lillicrap & Tweed (2019), "Deep learning without weight
       transport", NeurIPS 32.
     """
+    check_number("weight_mirror", "learning_rate", learning_rate, low=0)
+    check_number("weight_mirror", "weight_decay", weight_decay, low=0, optional=True)
+    check_number("weight_mirror", "noise_std", noise_std, low=0, low_open=True)
     decay = learning_rate * noise_std**2 if weight_decay is None else weight_decay
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")

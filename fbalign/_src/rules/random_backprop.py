@@ -22,6 +22,7 @@ from fbalign._src.base import (
     forwards_options,
 )
 from fbalign._src.channel import quantize
+from fbalign._src.checks import check_number
 from fbalign._src.feedback_init import Initializer, resolve_initializer
 from fbalign._src.rules.feedback_alignment import (
     DFA_ORIENTATION,
@@ -164,6 +165,7 @@ def random_backprop(
       Baldi, Sadowski & Lu (2018), "Learning in the machine: Random backpropagation and the deep
       learning channel", Artificial Intelligence 260:1-35 (arXiv:1612.02734).
     """
+    check_number("random_backprop", "learning_rate", learning_rate, low=0)
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     if nonzeros is not None and (not isinstance(nonzeros, int) or nonzeros < 1):
@@ -256,6 +258,7 @@ def adaptive_random_backprop(
 ) -> TapeRule:
     """Adaptive RBP (ARBP): the channel ``C_l`` learns by ``C_l -= lr * x_l^T delta_l``, the
     forward weights' own local update; `random_backprop` with ``adaptive=True``."""
+    check_number("adaptive_random_backprop", "learning_rate", learning_rate, low=0)
     return random_backprop(init, scale, adaptive=True, learning_rate=learning_rate, **options)
 
 
@@ -270,6 +273,8 @@ def adaptive_skipped_random_backprop(
     ``C_l -= lr * delta_out^T h_l``, the product of the output error and the hidden activity at
     the two ends of the channel (ARBP's rule on the skip connection; our reading, as the paper
     gives no equation); `random_backprop` with ``skip=True, adaptive=True``."""
+    check_number("adaptive_skipped_random_backprop", "learning_rate",
+                 learning_rate, low=0)
     return random_backprop(
         init, scale, skip=True, adaptive=True, learning_rate=learning_rate, **options
     )

@@ -19,6 +19,7 @@ from fbalign._src.base import (
     check_feedback_shapes,
     dense_layers,
 )
+from fbalign._src.checks import check_number
 from fbalign._src.feedback_init import glorot_std, hash_uniform, sign_feedback
 
 Magnitude = Literal["uniform", "fixed_random", "batch_random"]
@@ -124,6 +125,7 @@ def sign_symmetry(
       Sanfiz & Akrout (2021), "Benchmarking the accuracy and robustness of feedback alignment
       algorithms" (BioTorch), arXiv:2108.13446.
     """
+    check_number("sign_symmetry", "scale", scale, low=0, low_open=True, optional=True)
     if magnitude not in MAGNITUDES:
         raise ValueError(f"unknown magnitude {magnitude!r}; valid: {', '.join(MAGNITUDES)}")
     if distribution not in DISTRIBUTIONS:

@@ -33,6 +33,7 @@ from fbalign._src.base import (
     dense_layers,
     forwards_options,
 )
+from fbalign._src.checks import check_number
 
 # --------------------------------------------------------------------------------------------
 # Synthesizers
@@ -288,6 +289,7 @@ def synthetic_gradients(
       Czarnecki, Swirszcz, Jaderberg, Osindero, Vinyals & Kavukcuoglu (2017), "Understanding
       synthetic gradients and decoupled neural interfaces", ICML.
     """
+    check_number("synthetic_gradients", "learning_rate", learning_rate, low=0)
     if warmup_mode not in WARMUP_MODES:
         raise ValueError(f"warmup_mode must be one of {WARMUP_MODES}, got {warmup_mode!r}")
     if not 0.0 <= float(p_update) <= 1.0:
