@@ -1,4 +1,5 @@
-"""Models: fbalign's layered networks (MLP, LeNet-5, RNN), which record a `Tape` and run every
+"""Models: fbalign's layered networks (MLP, LeNet-5, RNN, and any list of dense, conv, pooling,
+flatten and residual layers: `sequential`), which record a `Tape` and run every
 rule's backward, the layered Hopfield network of equilibrium propagation, and wrappers that
 make any Flax NNX/Linen or Equinox model, or a pure
 ``apply(params, x)`` function, a network the harness trains."""
@@ -8,6 +9,16 @@ from fbalign._src.convnet import LeNet5, lenet5
 from fbalign._src.hopfield import HopfieldNetwork, hopfield
 from fbalign._src.models import BACKWARD_MODES, MLP, mlp
 from fbalign._src.recurrent import RNN, rnn
+from fbalign._src.sequential import (
+    AvgPool,
+    Conv,
+    Dense,
+    Flatten,
+    MaxPool,
+    Residual,
+    Sequential,
+    sequential,
+)
 from fbalign._src.wrap import (
     EquinoxNetwork,
     FunctionNetwork,
@@ -23,6 +34,14 @@ from fbalign._src.wrap import (
 
 __all__ = [
     "ACTIVATIONS",
+    "AvgPool",
+    "Conv",
+    "Dense",
+    "Flatten",
+    "MaxPool",
+    "Residual",
+    "Sequential",
+    "sequential",
     "BACKWARD_MODES",
     "MLP",
     "RNN",

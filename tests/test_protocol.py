@@ -226,3 +226,29 @@ def test_batch_index_reaches_the_rule_in_fit():
     n = len(data.x_train)
     assert len(idx) == (n // 256) * 256 and len(set(idx.tolist())) == len(idx)
     assert idx.min() >= 0 and idx.max() < n
+
+
+def _residual_net():
+    from fbalign.models import Dense, Residual, sequential
+
+    return sequential([Dense(7, "tanh"), Residual((Dense(4, "tanh"), Dense(7)), "tanh"),
+                       Dense(3)], (5,))
+
+
+GRAD_TAPE_RULES = sorted(n for n, s in RULES.items()
+                         if isinstance(s.make(), TapeRule) and s.make().backward is not None)
+
+
+@pytest.mark.parametrize("name", GRAD_TAPE_RULES)
+def test_tape_rules_conform_on_a_residual_network_or_say_why_not(name):
+    """A residual `sequential` network records no tape: every tape rule with a jax.grad form
+    trains it through its `Backward` and conforms (jit, vmap over seeds, eval_shape, one
+    compile), except rules whose feedback learns from the explicit form's recorded
+    activations, which are refused by name."""
+    net = _residual_net()
+    if RULES[name].stateful and RULES[name].make().advance is None:
+        with pytest.raises(ValueError, match=f"'{name}' changes its feedback state .* records "
+                                             "none"):
+            as_learning_rule(name, network=net)
+        return
+    _conformance(net, name)

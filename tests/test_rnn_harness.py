@@ -1,5 +1,6 @@
 """The RNN in the harness: `fit`, `make_train_step` and `fbalign train --model rnn` train it with
-bp, fa and dfa (through their jax.grad forms), on images read row by row."""
+bp, fa, dfa, sign symmetry and the random-backprop variants (through their jax.grad forms), on
+images read row by row; other rules are refused with the reason."""
 
 from __future__ import annotations
 
@@ -65,9 +66,53 @@ def test_fit_trains_the_rnn_on_digits_rows():
 def test_rules_the_rnn_cannot_run_are_named():
     model = fb.rnn(3, 8, 2)
     params = model.init(jax.random.PRNGKey(0))
-    for rule in ("kp", "usf", fb.get_rule("fa")):
-        with pytest.raises(ValueError, match="does not run on the RNN.*bp, fa, dfa"):
+    for rule, why in (("kp", "layer by layer"), ("asrbp", "layer by layer"),
+                      ("brsf", "layer by layer"), ("bfa", "only its explicit form records"),
+                      ("dni", "no jax.grad form"),
+                      ("drtp", "every step of a sequence"), ("pc", "layered feedforward network")):
+        with pytest.raises(ValueError, match=f"'{rule}' does not run on the RNN.*{why}"):
             model.init_rule_state(rule, jax.random.PRNGKey(0), params)
+
+
+def _rnn_step(rule, state, params, model, xs, ys):
+    ctx = StepContext(model, fb.squared_error)
+    return as_learning_rule(rule, "grad").step(params, state, Batch(xs, ys), None, ctx)[0]
+
+
+def test_every_rnn_rule_draws_its_state_with_its_own_init_and_equals_fa_or_dfa():
+    """The RNN sizes every rule's feedback by that rule's own ``init`` on the unrolled chain (no
+    rule is drawn by name). Each rule's step then equals FA's (``B`` for ``w_rec``, ``w_out``)
+    or DFA's (one ``(dout, H)`` matrix per step) with the feedback the rule says it uses:
+    ``sign(W) * M`` for sign symmetry, its own random (sparse, quantised-error) matrices for
+    the random-backprop variants."""
+    model = fb.rnn(3, 8, 2)
+    params = model.init(jax.random.PRNGKey(0))
+    xs = jax.random.normal(jax.random.PRNGKey(1), (4, 5, 3))
+    ys = jax.random.normal(jax.random.PRNGKey(2), (4, 5, 2))
+    from fbalign._src.recurrent import RNN_RULES
+    from fbalign.rules import DirectFeedbackAlignmentState
+
+    for name in RNN_RULES:
+        state = model.init_rule_state(name, jax.random.PRNGKey(3), params)
+        got = _rnn_step(name, state, params, model, xs, ys)
+        if name == "bp":
+            want = jax.grad(lambda p: fb.squared_error(model.apply(p, xs), ys))(params)
+        elif name in ("dfa", "srbp"):
+            assert state.feedback["h"].shape == (2, 8)
+            want = _rnn_step("dfa", DirectFeedbackAlignmentState(state.feedback), params, model,
+                             xs, ys)
+        elif name in ("usf", "frsf"):
+            fa = {k: jnp.sign(params[k]) * m for k, m in state.feedback.items()}
+            want = _rnn_step("fa", FeedbackAlignmentState(fa), params, model, xs, ys)
+        else:  # rbp, sparse_rbp (its B sparse), kbit_rbp, nd_rbp: FA through their own B
+            assert {k: v.shape for k, v in state.feedback.items()} == {"w_rec": (8, 8),
+                                                                       "w_out": (8, 2)}
+            if name in ("kbit_rbp", "nd_rbp"):
+                assert not np.allclose(got["w_in"], _rnn_step(
+                    "fa", FeedbackAlignmentState(state.feedback), params, model, xs, ys)["w_in"])
+                continue  # quantised or derivative-free: FA's step differs, as it should
+            want = _rnn_step("fa", FeedbackAlignmentState(state.feedback), params, model, xs, ys)
+        assert_trees_close(got, want, 1e-5, 1e-6)
 
 
 def test_cli_trains_model_rnn_and_refuses_other_rules(tmp_path, capsys):
@@ -76,7 +121,9 @@ def test_cli_trains_model_rnn_and_refuses_other_rules(tmp_path, capsys):
                  "--out", str(out), "--no-progress"]) == 0
     assert json.loads((out / "config.json").read_text())["model"] == "rnn"
     assert "dfa on digits: test error" in capsys.readouterr().out
-    for argv in (["--rule", "kp"], ["--rule", "dfa", "--hidden", "16,16"]):
+    for argv, msg in ((["--rule", "kp"], "'kp' does not run on the RNN: its feedback changes"),
+                      (["--rule", "ff"], "--rule ff trains --model mlp, not rnn"),
+                      (["--rule", "dfa", "--hidden", "16,16"], "one hidden layer")):
         assert main(["train", "--model", "rnn", "--epochs", "1", "--out",
                      str(tmp_path / "x"), *argv]) == 2
-    assert "needs a layered feedforward" in capsys.readouterr().err
+        assert msg in capsys.readouterr().err

@@ -670,12 +670,14 @@ def check_run_options(args) -> None:
         raise UsageError("--model lenet5 has fixed layers (conv6-conv16-fc120-fc84); drop "
                          "--hidden")
     if args.model == "rnn":
-        from fbalign._src.recurrent import RNN_RULES
+        from fbalign._src.recurrent import RNN_RULES, check_rnn_rule
+        from fbalign._src.registry import get_rule
 
         if args.rule not in RNN_RULES:
-            raise UsageError(f"--model rnn trains with --rule {', '.join(RNN_RULES)}; "
-                             f"{args.rule!r} needs a layered feedforward network (--model mlp "
-                             "or lenet5)")
+            try:
+                check_rnn_rule(args.rule, get_rule(args.rule, **_rule_kwargs(args)))
+            except ValueError as err:
+                raise UsageError(f"--model rnn: {err}") from None
 
 
 def _load_train_data(args):

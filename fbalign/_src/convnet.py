@@ -24,10 +24,10 @@ import jax.numpy as jnp
 
 from fbalign._src.backward import Backward
 from fbalign._src.base import Array, EmptyState, LayerOp, Params, PRNGKey, Tape, TapeRule
-from fbalign._src.feedback_init import Initializer, kernel_fans, resolve_initializer
+from fbalign._src.feedback_init import Initializer, resolve_initializer
+from fbalign._src.layered_init import layered_rule_state
 from fbalign._src.layers import (
     conv_op,
-    dfa_feedback_shape,
     glorot_dfa_std,
     resolve_conv_impl,
     shared_dfa_feedback,
@@ -35,12 +35,6 @@ from fbalign._src.layers import (
 from fbalign._src.models import get_activation, matmul, record_layers, run_layers
 from fbalign._src.modes import MODES, backward_for_mode
 from fbalign._src.registry import get_rule
-from fbalign._src.rules.drtp import DirectRandomTargetProjectionState
-from fbalign._src.rules.feedback_alignment import (
-    DirectFeedbackAlignmentState,
-    FeedbackAlignmentState,
-)
-from fbalign._src.rules.kolen_pollack import KolenPollackState
 
 LENET_MODES = MODES  # the legacy mode strings `apply` reads (`backward_for_mode`)
 
@@ -177,25 +171,19 @@ class LeNet5:
         """Draws the rule state whose ``feedback`` ``apply(..., feedback, mode)`` takes.
 
         Args:
-          rule: a rule name or a `TapeRule`. Names with conv-aware defaults here:
-            ``"bp"``/``"shallow"`` (no feedback), ``"fa"``/``"kp"`` (one ``B_l`` of ``W_l``'s
-            shape per layer, None for the first), ``"dfa"``/``"drtp"`` (``B_l`` of shape
-            ``(n_out, *feature_shape_l)`` per hidden layer, None for the output). Any other name
-            is built with ``get_rule(rule, init=..., scale=..., **rule_kwargs)``; a
-            `TapeRule` is used as given. Either way its ``init`` runs on the params, or, for
-            DFA-like states (one ``(n_out, n_l)`` matrix per hidden layer) and for rules whose
-            ``init`` only understands dense matrices, on a dense stand-in: the chain of layer
-            output widths, or conv kernels seen as ``(kh * kw * cin, cout)`` matrices (reshaped
-            back).
+          rule: a registered rule name (built with ``get_rule(rule, init=..., scale=...,
+            **rule_kwargs)``) or a `TapeRule`. Its own ``init`` draws the state, knowing the
+            network (`fbalign.models.sequential.layered_rule_state`): FA-like rules one
+            ``B_l`` of ``W_l``'s shape per layer (None for the first) with the backward fan-in
+            (``dout`` for dense, ``kh * kw * cout`` for conv kernels); DFA-like rules (dfa,
+            drtp, srbp, asrbp, bdfa) one ``(n_out, *feature_shape_l)`` per hidden layer (None
+            for the output) with Glorot's fan ``(n_out + n_l) / 2`` (std ``sqrt(2 / (n_out +
+            n_l))``, BioTorch's Xavier default) rather than the MLP's ``n_out``: a conv map has
+            thousands of units, and an error of the output's size at each of them swamps the
+            kernel update (LeNet-5 with ``1/sqrt(n_out)`` feedback barely trains).
           key: PRNG key.
           params: this network's params (for dtype and to check shapes).
           init, scale: the feedback initialiser (as in `fbalign.rules.feedback_alignment`).
-            With ``scale=None`` FA uses the backward fan-in (``dout`` for dense, ``kh * kw *
-            cout`` for conv kernels), as `fbalign.rules.feedback_alignment` does for dense
-            layers. DFA uses the Glorot fan ``(n_out + n_l) / 2`` (std ``sqrt(2 / (n_out +
-            n_l))``, BioTorch's Xavier default) rather than the MLP rule's ``n_out``: a conv map
-            has thousands of units, and an error of the output's size at each of them swamps
-            the kernel update (LeNet-5 with ``1/sqrt(n_out)`` feedback barely trains).
           shared: DFA only: draw one ``(n_out, max_units)`` matrix of unit variance (times
             ``scale`` if given), sliced per layer (`SharedDirectFeedbackState`); ``apply`` takes
             its ``feedback`` (an array) and gives layer ``l`` the slice ``M[:, :n_l]`` times
@@ -208,77 +196,29 @@ class LeNet5:
         shapes = [tuple(p["w"].shape) for p in params]
         if shapes != self.param_shapes:
             raise ValueError(f"params have kernel shapes {shapes}, expected {self.param_shapes}")
-        if isinstance(rule, TapeRule):
-            return self._init_with_rule(rule, key, params)
-        dtype = params[0]["w"].dtype
-        if rule in ("bp", "shallow"):
+        if shared:
+            return self._shared_dfa_state(rule, key, params, init, scale)
+        if rule == "shallow":  # a legacy mode (only the last layer learns), not a rule
             return EmptyState()
-        if rule in ("fa", "kp"):
-            keys = jax.random.split(key, self.num_layers)
-            fb = [None] + [
-                resolve_initializer(init, scale, fan=kernel_fans(s)[1])(k, s, dtype)
-                for k, s in zip(keys[1:], shapes[1:], strict=True)
-            ]
-            if rule == "kp":
-                return KolenPollackState(tuple(fb))
-            return FeedbackAlignmentState(tuple(fb))
-        if rule in ("dfa", "drtp"):
-            n_out = self.num_classes
-            if shared:
-                if rule != "dfa":
-                    raise ValueError("shared=True is implemented for 'dfa' only")
-                # Unit variance (or ``scale``); ``apply`` multiplies layer l's slice by its Glorot
-                # std, so every layer gets the per-layer default's error size.
-                max_units = max(math.prod(s) for s in self.feature_shapes[:-1])
-                draw = resolve_initializer(init, 1.0 if scale is None else scale, fan=1)
-                return SharedDirectFeedbackState(draw(key, (n_out, max_units), dtype))
-            keys = jax.random.split(key, self.num_layers - 1)
-            fb = [
-                resolve_initializer(init, scale, fan=(n_out + math.prod(s)) / 2)(
-                    k, dfa_feedback_shape(n_out, s), dtype
-                )
-                for k, s in zip(keys, self.feature_shapes[:-1], strict=True)
-            ] + [None]
-            if rule == "drtp":
-                return DirectRandomTargetProjectionState(tuple(fb))
-            return DirectFeedbackAlignmentState(tuple(fb))
-        kwargs = dict(rule_kwargs)
-        if init != "gaussian":
-            kwargs["init"] = init
-        if scale is not None:
-            kwargs["scale"] = scale
-        return self._init_with_rule(get_rule(rule, **kwargs), key, params)
+        if isinstance(rule, str):
+            kwargs = dict(rule_kwargs)
+            if init != "gaussian":
+                kwargs["init"] = init
+            if scale is not None:
+                kwargs["scale"] = scale
+            rule = get_rule(rule, **kwargs)
+        return layered_rule_state(rule, key, params, self.num_classes, self.feature_shapes)
 
-    def _init_with_rule(self, rule: TapeRule, key: PRNGKey, params: Params) -> Any:
-        """``rule.init`` for a rule written for dense chains (see `init_rule_state`)."""
-        dtype = params[0]["w"].dtype
-        try:
-            probe = jax.eval_shape(rule.init, key, params)
-        except Exception:  # an init written for 2-D weights only
-            probe = None
-        if probe is not None and not _dfa_like(probe, self.num_classes):
-            return rule.init(key, params)
-        if probe is not None:
-            # DFA-like: B_l depends only on layer l's width, so present the chain of widths.
-            widths = [math.prod(s) for s in self.feature_shapes]
-            stand_in = [
-                {"w": jnp.zeros((1, n), dtype), "b": jnp.zeros((n,), dtype)} for n in widths
-            ]
-            return rule.init(key, stand_in)
-        # A dense-only init: conv kernels as their (kh * kw * cin, cout) matrices.
-        flat = [
-            {"w": p["w"].reshape(-1, p["w"].shape[-1]), "b": p["b"]} for p in params
-        ]
-        state = rule.init(key, flat)
-        kernels = {tuple(f["w"].shape): tuple(p["w"].shape) for f, p in zip(flat, params,
-                                                                           strict=True)}
-
-        def back(a):
-            if hasattr(a, "shape") and tuple(a.shape) in kernels:
-                return a.reshape(kernels[tuple(a.shape)])
-            return a
-
-        return jax.tree.map(back, state)
+    def _shared_dfa_state(self, rule: Any, key: PRNGKey, params: Params, init: Any,
+                          scale: float | None) -> SharedDirectFeedbackState:
+        """One ``(n_out, max_units)`` matrix of unit variance (or ``scale``), for ``apply``
+        to slice per layer and scale by its Glorot std (``shared=True``, DFA only)."""
+        if rule != "dfa":
+            raise ValueError("shared=True is implemented for 'dfa' only")
+        max_units = max(math.prod(s) for s in self.feature_shapes[:-1])
+        draw = resolve_initializer(init, 1.0 if scale is None else scale, fan=1)
+        return SharedDirectFeedbackState(draw(key, (self.num_classes, max_units),
+                                              params[0]["w"].dtype))
 
     def layer_ops(self) -> tuple[LayerOp, ...]:
         """Each layer's linear map ``op(x, w)`` (the two convolutions, then ``x @ w``) and the
@@ -385,21 +325,6 @@ class LeNet5:
 
 def _identity(a: Array) -> Array:
     return a
-
-
-def _dfa_like(state: Any, n_out: int) -> bool:
-    """Whether a rule state holds DFA-style feedback: ``(n_out, n_l)`` for layer 0, None last."""
-    fb = getattr(state, "feedback", None)
-    if not isinstance(fb, (tuple, list)) or len(fb) < 2:
-        return False
-    first, last = fb[0], fb[-1]
-    return (
-        last is None
-        and first is not None
-        and hasattr(first, "shape")
-        and len(first.shape) == 2
-        and first.shape[0] == n_out
-    )
 
 
 def lenet5(

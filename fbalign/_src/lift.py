@@ -178,7 +178,7 @@ def as_learning_rule(rule: LearningRule | TapeRule | str, form: str = "explicit"
     if isinstance(rule, str):
         built = get_rule(rule, **(rule_kwargs or {}))
         hook_rule, hook_kwargs, name = rule, dict(rule_kwargs or {}), rule
-        _check_stateful_grad(rule, built, form)
+        _check_stateful_grad(rule, built, form, network)
         rule = built
     elif rule_kwargs:
         raise ValueError("rule_kwargs apply to a registered rule name; build the rule object "
@@ -216,9 +216,16 @@ def resolve_form(form: str, network: Any = None) -> str:
     return form
 
 
-def _check_stateful_grad(name: str, built: Any, form: str) -> None:
+def _check_stateful_grad(name: str, built: Any, form: str, network: Any = None) -> None:
     if form != "grad" or not isinstance(built, TapeRule):
         return
+    if RULES[name].stateful and built.advance is None and network is not None and not callable(
+            getattr(network, "forward", None)):
+        raise ValueError(
+            f"rule {name!r} changes its feedback state every step from the activations that an "
+            f"explicit form records, and {type(network).__name__} records none (a residual "
+            "network, the RNN or a wrapped model has no chain of layers to record); train this "
+            "network with a rule whose jax.grad form needs no tape (bp, fa, dfa, kp, usf, ...)")
     if RULES[name].stateful and built.advance is None:
         raise ValueError(
             f"rule {name!r} changes its feedback state every step in a way its jax.grad form "

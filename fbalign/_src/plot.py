@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from fbalign._src import cli
+from fbalign._src.checkpoint import CHECKPOINT_DIR, latest_checkpoint
 from fbalign._src.rule_args import UsageError
 
 LINESTYLES = ("-", "--", ":", "-.")
@@ -489,8 +490,6 @@ def _resume_compare(args) -> tuple[Path, list, int]:
     the epochs asked for), ``train --resume`` of its run (a checkpoint exists), or a new run
     (never started, or stopped before its first checkpoint; said on stderr)."""
     import argparse
-
-    from fbalign._src.checkpoint import CHECKPOINT_DIR, latest_checkpoint
 
     base, config = _compare_config(args)
     extend = {k for k in ("epochs", "on_nonfinite", "max_skips")

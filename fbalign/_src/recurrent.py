@@ -23,16 +23,36 @@ import jax.numpy as jnp
 from jax import lax
 
 from fbalign._src.backward import Backward, DirectFeedback, LinearFeedback
-from fbalign._src.base import Array, EmptyState, Params, PRNGKey
-from fbalign._src.feedback_init import Initializer, resolve_initializer
+from fbalign._src.base import Array, Params, PRNGKey, TapeRule
+from fbalign._src.feedback_init import Initializer
+from fbalign._src.layered_init import dfa_like
 from fbalign._src.models import get_activation, matmul
-from fbalign._src.rules.feedback_alignment import (
-    DirectFeedbackAlignmentState,
-    FeedbackAlignmentState,
-)
+from fbalign._src.registry import RULES, get_rule
 
 RNN_MODES = ("bp", "fa", "kp", "dfa")
-RNN_RULES = ("bp", "fa", "dfa")  # the registered rules `fit` trains the RNN with
+# the registered rules `fit` trains the RNN with (`RNN.init_rule_state` says why not the others)
+RNN_RULES = ("bp", "fa", "dfa", "usf", "frsf", "rbp", "srbp", "sparse_rbp", "kbit_rbp", "nd_rbp")
+_NOT_ON_RNN = {"drtp": "its targets would replace the output error at every step of a "
+                       "sequence, which direct random target projection does not define"}
+
+
+def check_rnn_rule(name: str, rule: Any) -> None:
+    """A ValueError naming ``rule`` when it cannot train the RNN, and why."""
+    if not isinstance(rule, TapeRule):
+        raise ValueError(f"rule {name!r} does not run on the RNN; it trains with "
+                         f"{', '.join(RNN_RULES)} (pass the name). Other rules need a layered "
+                         "feedforward network (fbalign.models.mlp, lenet5, sequential).")
+    why = _NOT_ON_RNN.get(name)
+    if rule.backward is None:
+        why = "it has no jax.grad form and the RNN records no tape"
+    elif name in RULES and RULES[name].stateful and rule.advance is None:
+        why = "its feedback learns from the activations only its explicit form records"
+    elif rule.advance is not None or rule.feedback is not None:
+        why = ("its feedback changes (or is computed) layer by layer in ways stated for "
+               "feedforward chains")
+    if why:
+        raise ValueError(f"rule {name!r} does not run on the RNN: {why}; it trains with "
+                         f"{', '.join(RNN_RULES)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +70,9 @@ class RNN:
     ``apply(..., backward=...)`` runs any `fbalign._src.backward.Backward` instead: its layers
     are ``"w_rec"`` and ``"w_out"`` and its hidden tap ``"h"``.
 
-    ``init_rule_state`` draws them as the ``feedback`` of a rule state, so ``fit`` trains the
-    RNN with ``bp``, ``fa`` and ``dfa`` (through their ``jax.grad`` forms).
+    ``init_rule_state`` draws them with the rule's own ``init`` as the ``feedback`` of its
+    state, so ``fit`` trains the RNN with every rule in `RNN_RULES` (bp, FA, DFA, sign
+    symmetry and the random-backprop variants, through their ``jax.grad`` forms).
 
     Inputs are time-major ``(T, batch, din)`` by default. With ``time_major=False`` they are
     batch-major, ``(batch, T, din)`` or flat ``(batch, T * din)`` (e.g. an image read row by
@@ -88,38 +109,48 @@ class RNN:
 
     def init_rule_state(
         self,
-        rule: str,
+        rule: str | TapeRule,
         key: PRNGKey,
         params: Params,
         init: str | Initializer = "gaussian",
         scale: float | None = None,
+        **rule_kwargs: Any,
     ) -> Any:
-        """The state whose ``feedback`` ``apply(..., mode=rule)`` needs: `EmptyState` for
-        ``"bp"``, `FeedbackAlignmentState` of ``{"w_rec", "w_out"}`` for ``"fa"``,
-        `DirectFeedbackAlignmentState` of ``{"h": B}``, one ``(dout, H)`` matrix, for ``"dfa"``.
+        """The rule's state for this RNN, drawn by the rule's own ``init``.
 
-        ``rule`` is a registered name: the RNN has no per-layer chain, so a rule object's own
-        ``init`` cannot size its feedback. Kolen-Pollack's mode ``"kp"`` exists in ``apply``
-        (its primitives), but its feedback update is stated for dense chains: not here.
+        ``rule`` is a registered name (built with ``init``/``scale``/``rule_kwargs``) or a
+        `TapeRule`. Its ``init`` sees the unrolled step as a chain ``x -> h -> h -> y`` (the
+        weights ``w_in``, ``w_rec``, ``w_out``): an FA-like state's ``B`` for ``w_rec`` and
+        ``w_out`` (``w_in`` sends no error) becomes ``{"w_rec": B_rec, "w_out": B_out}``; a
+        DFA-like state's one ``(dout, H)`` matrix becomes ``{"h": B}``, shared by every step.
+
+        Rules that cannot run here are refused by name: rules without a ``jax.grad`` form (the
+        RNN records no tape), rules whose feedback changes by a layer-by-layer ``advance`` or is
+        computed from a per-step recipe (kp, wm, arbp, asrbp, bdfa, brsf, ...: stated for
+        feedforward chains), and drtp (its targets replace the output error at every step of a
+        sequence, which the paper does not define). `RNN_RULES` lists the registered ones that
+        do run.
         """
-        if not isinstance(rule, str) or rule not in RNN_RULES:
-            what = rule if isinstance(rule, str) else type(rule).__name__
-            raise ValueError(f"rule {what!r} does not run on the RNN; it trains with "
-                             f"{', '.join(RNN_RULES)} (pass the name). Other rules need a "
-                             "layered feedforward network (fbalign.models.mlp, lenet5).")
-        dtype = params["w_out"].dtype
-        if rule == "bp":
-            return EmptyState()
-        if rule == "fa":
-            k1, k2 = jax.random.split(key)
-            h, o = self.hidden_size, self.output_size
-            return FeedbackAlignmentState({
-                "w_rec": resolve_initializer(init, scale, fan=h)(k1, (h, h), dtype),
-                "w_out": resolve_initializer(init, scale, fan=o)(k2, (h, o), dtype),
-            })
-        shape = (self.output_size, self.hidden_size)
-        return DirectFeedbackAlignmentState(
-            {"h": resolve_initializer(init, scale, fan=self.output_size)(key, shape, dtype)})
+        name = rule if isinstance(rule, str) else getattr(rule, "__name__", "this rule")
+        if isinstance(rule, str):
+            kwargs = dict(rule_kwargs)
+            if init != "gaussian":
+                kwargs["init"] = init
+            if scale is not None:
+                kwargs["scale"] = scale
+            rule = get_rule(rule, **kwargs) if rule in RULES else rule
+        check_rnn_rule(name, rule)
+        w_in, w_rec, w_out = params["w_in"], params["w_rec"], params["w_out"]
+        chain = [{"w": w_in, "b": params["b"]}, {"w": w_rec}, {"w": w_out, "b": params["b_out"]}]
+        probe = jax.eval_shape(rule.init, key, chain)
+        if dfa_like(probe, self.output_size):
+            state = rule.init(key, [chain[0], chain[2]])  # B of the one hidden layer, (dout, H)
+            return state._replace(feedback={"h": state.feedback[0]})
+        state = rule.init(key, chain)
+        fb = getattr(state, "feedback", None)
+        if fb is None:
+            return state
+        return state._replace(feedback={"w_rec": fb[1], "w_out": fb[2]})
 
     def _time_major(self, xs: Array) -> Array:
         if self.time_major:

@@ -28,6 +28,7 @@ from fbalign._src.feedback_init import Initializer
 from fbalign._src.rules.feedback_alignment import (
     DFA_ORIENTATION,
     dfa_feedback_shapes,
+    direct_feedback,
     draw_feedback,
     project,
 )
@@ -226,11 +227,10 @@ def bidirectional_direct_feedback_alignment(
                  learning_rate, low=0)
     name = "bidirectional_direct_feedback_alignment"
 
-    def init_fn(key: PRNGKey, params: Params) -> BidirectionalDirectFeedbackAlignmentState:
-        dtype = dense_layers(params)[0][0].dtype
+    def init_fn(key: PRNGKey, params: Params,
+                feature_shapes: Any = None) -> BidirectionalDirectFeedbackAlignmentState:
         return BidirectionalDirectFeedbackAlignmentState(
-            draw_feedback(key, dfa_feedback_shapes(params), init, scale, dtype, fan_axis=0)
-        )
+            direct_feedback(key, params, init, scale, feature_shapes))
 
     def update_fn(
         params: Params,

@@ -21,7 +21,7 @@ from fbalign._src.feedback_init import Initializer
 from fbalign._src.rules.feedback_alignment import (
     DFA_ORIENTATION,
     dfa_feedback_shapes,
-    draw_feedback,
+    direct_feedback,
     project,
 )
 
@@ -61,11 +61,10 @@ def direct_random_target_projection(
       allow for feedforward training of deep neural networks", Frontiers in Neuroscience 15.
     """
 
-    def init_fn(key: PRNGKey, params: Params) -> DirectRandomTargetProjectionState:
-        dtype = dense_layers(params)[0][0].dtype
+    def init_fn(key: PRNGKey, params: Params,
+                feature_shapes: Any = None) -> DirectRandomTargetProjectionState:
         return DirectRandomTargetProjectionState(
-            draw_feedback(key, dfa_feedback_shapes(params), init, scale, dtype, fan_axis=0)
-        )
+            direct_feedback(key, params, init, scale, feature_shapes))
 
     def update_fn(
         params: Params,

@@ -43,13 +43,24 @@ def fa_feedback_shapes(params: Params) -> list[tuple[int, int] | None]:
 
 
 def dfa_feedback_shapes(params: Params, tape: Tape | None = None,
-                        feedback: Any = None) -> list[tuple[int, ...] | None]:
+                        feedback: Any = None, feature_shapes: Any = None,
+                        ) -> list[tuple[int, ...] | None]:
     """Feedback shapes DFA needs: ``(n_out, n_l)`` for hidden layers, None for the output.
 
     Given the `Tape` of a network that is not a dense chain (a conv net), layer ``l``'s shape
     is ``(n_out, *out_shape_l)`` (its feature map), or ``(n_out, prod(out_shape_l))`` where the
-    ``feedback`` entry is flat; `project` reshapes the projection to the map either way.
+    ``feedback`` entry is flat; `project` reshapes the projection to the map either way. Given
+    the network's ``feature_shapes`` (each layer's per-example output shape, the last the
+    output's ``(n_out,)``; what a rule's ``init`` receives from a layered network), layer ``l``'s
+    is ``(n_out, *feature_shapes[l])``.
     """
+    if feature_shapes is not None:
+        shapes = [tuple(int(d) for d in f) for f in feature_shapes]
+        if len(shapes) != len(dense_layers(params)):
+            raise ValueError(f"feature_shapes has {len(shapes)} entries for a network of "
+                             f"{len(dense_layers(params))} layers (one per layer, the output's "
+                             "last)")
+        return [(shapes[-1][0], *f) for f in shapes[:-1]] + [None]
     if tape is not None and not tape.is_dense:
         n_out = tape.output.shape[-1]
         out = []
@@ -69,12 +80,14 @@ def project(tape: Tape, i: int, e: Array, b: Array) -> Array:
     return project_error(e, b).reshape(tape.preacts[i].shape)
 
 
-def draw_feedback(key: PRNGKey, shapes, init, scale, dtype, fan_axis: int):
+def draw_feedback(key: PRNGKey, shapes, init, scale, dtype, fan_axis: int,
+                  glorot: bool = False):
     """Random feedback of the given ``shapes`` (None entries stay None), one key per entry.
 
     ``init``/``scale`` as in `feedback_alignment`; the default scale uses the fan that one
     error unit sums over: ``shape[0]`` with ``fan_axis=0`` (DFA: the ``n_out`` outputs), else
     the output fan of ``kernel_fans(shape)`` (FA: ``dout``, times the window for a conv).
+    ``glorot`` (DFA only): Glorot's fan ``(n_out + n_l) / 2`` instead (`direct_fan`).
     """
     keys = jax.random.split(key, len(shapes))
     out = []
@@ -84,10 +97,31 @@ def draw_feedback(key: PRNGKey, shapes, init, scale, dtype, fan_axis: int):
         else:
             # FA: the error reaching one input unit sums over dout outputs (times the kernel
             # window kh*kw... for a conv kernel (..., cin, cout)); DFA: over the n_out outputs.
-            fan = shape[0] if fan_axis == 0 else kernel_fans(shape)[1]
+            fan = direct_fan(shape, glorot) if fan_axis == 0 else kernel_fans(shape)[1]
             draw = resolve_initializer(init, scale, fan=fan)
             out.append(draw(k, shape, dtype))
     return tuple(out)
+
+
+def direct_fan(shape: tuple[int, ...], glorot: bool) -> float:
+    """The default fan of a DFA-style ``B_l`` of shape ``(n_out, *map_l)``: ``n_out`` (Nokland
+    2016: one hidden unit sums ``n_out`` errors), or with ``glorot`` Glorot's ``(n_out + n_l) /
+    2`` (std ``sqrt(2 / (n_out + n_l))``, BioTorch's Xavier default). Rules use Glorot on
+    networks with feature maps: a conv map has thousands of units, and an error of the output's
+    size at each of them swamps the kernel update (LeNet-5 with ``1/sqrt(n_out)`` feedback
+    barely trains)."""
+    return (shape[0] + math.prod(shape[1:])) / 2 if glorot else shape[0]
+
+
+def direct_feedback(key: PRNGKey, params: Params, init, scale, feature_shapes=None):
+    """The feedback of a DFA-style rule: one ``B_l`` per hidden layer, None for the output,
+    shaped by `dfa_feedback_shapes` (the feature maps where a layered network gives
+    ``feature_shapes``), with Glorot's default scale on networks with feature maps
+    (`direct_fan`)."""
+    shapes = dfa_feedback_shapes(params, feature_shapes=feature_shapes)
+    glorot = feature_shapes is not None and any(len(f) > 1 for f in feature_shapes)
+    dtype = dense_layers(params)[0][0].dtype
+    return draw_feedback(key, shapes, init, scale, dtype, fan_axis=0, glorot=glorot)
 
 
 def feedback_alignment(
@@ -159,11 +193,10 @@ def direct_feedback_alignment(
       NeurIPS 29.
     """
 
-    def init_fn(key: PRNGKey, params: Params) -> DirectFeedbackAlignmentState:
-        shapes = dfa_feedback_shapes(params)
-        dtype = dense_layers(params)[0][0].dtype
+    def init_fn(key: PRNGKey, params: Params,
+                feature_shapes: Any = None) -> DirectFeedbackAlignmentState:
         return DirectFeedbackAlignmentState(
-            draw_feedback(key, shapes, init, scale, dtype, fan_axis=0))
+            direct_feedback(key, params, init, scale, feature_shapes))
 
     def update_fn(
         params: Params,

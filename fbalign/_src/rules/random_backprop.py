@@ -28,6 +28,7 @@ from fbalign._src.rules.feedback_alignment import (
     DFA_ORIENTATION,
     FA_ORIENTATION,
     dfa_feedback_shapes,
+    direct_feedback,
     draw_feedback,
     fa_feedback_shapes,
     project,
@@ -179,11 +180,18 @@ def random_backprop(
     orientation = DFA_ORIENTATION if skip else FA_ORIENTATION
     fan_axis = 0 if skip else 1  # axis of B summed over by each receiving unit
 
-    def init_fn(key: PRNGKey, params: Params) -> RandomBackpropState:
-        shapes = shapes_of(params)
+    def init_fn(key: PRNGKey, params: Params, feature_shapes: Any = None) -> RandomBackpropState:
+        # feature_shapes (skipped variants): B_l onto layer l's feature map, Glorot's scale on
+        # networks with maps (`direct_feedback`); FA-like variants size B by W.
         dtype = dense_layers(params)[0][0].dtype
         if density == 1.0 and nonzeros is None:
-            return RandomBackpropState(draw_feedback(key, shapes, init, scale, dtype, fan_axis))
+            if skip:
+                return RandomBackpropState(direct_feedback(key, params, init, scale,
+                                                           feature_shapes))
+            return RandomBackpropState(draw_feedback(key, shapes_of(params), init, scale, dtype,
+                                                     fan_axis))
+        shapes = (dfa_feedback_shapes(params, feature_shapes=feature_shapes) if skip
+                  else shapes_of(params))
         return RandomBackpropState(
             _sparse_draw(key, shapes, init, scale, dtype, fan_axis, density, nonzeros)
         )
