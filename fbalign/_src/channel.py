@@ -13,11 +13,12 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Float, Int
 
 from fbalign._src.base import Array
 
 
-def quantize(x: Array, bits: int) -> Array:
+def quantize(x: Float[Array, " batch *rest"], bits: int) -> Float[Array, " batch *rest"]:
     r"""Uniform mid-rise quantiser with ``2**bits`` levels, one scale per example.
 
     With ``m`` the largest ``|x|`` of an example (the maximum over all axes but the first) and
@@ -43,7 +44,7 @@ def quantize(x: Array, bits: int) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def quantize_error(x: Array, bits: int) -> Array:
+def quantize_error(x: Float[Array, " batch *rest"], bits: int) -> Float[Array, " batch *rest"]:
     """Identity on ``x``; the backward pass sends ``quantize(g, bits)`` instead of ``g``.
 
     Placed on a hidden layer's output, it quantises the error signal arriving there through the
@@ -66,7 +67,9 @@ quantize_error.defvjp(_quantize_error_fwd, _quantize_error_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def straight_through(f: Callable[[Array], Array], a: Array) -> Array:
+def straight_through(
+    f: Callable[[Float[Array, "*shape"]], Float[Array, "*shape"]], a: Float[Array, "*shape"]
+) -> Float[Array, "*shape"]:
     """``f(a)`` whose backward pass treats ``f`` as the identity (``f'`` replaced by 1).
 
     The variant of random backpropagation without the activation derivative (Baldi et al. 2018,
@@ -88,7 +91,9 @@ def _straight_through_bwd(f, _, g):
 straight_through.defvjp(_straight_through_fwd, _straight_through_bwd)
 
 
-def as_targets(labels: Array, n_out: int, dtype=jnp.float32) -> Array:
+def as_targets(
+    labels: Int[Array, " batch"] | Float[Array, "batch n_out"], n_out: int, dtype=jnp.float32
+) -> Float[Array, "batch n_out"]:
     """Integer class labels ``(batch,)`` become one-hot ``(batch, n_out)``; arrays pass as given."""
     labels = jnp.asarray(labels)
     if jnp.issubdtype(labels.dtype, jnp.integer) and labels.ndim == 1:
@@ -102,7 +107,11 @@ def as_targets(labels: Array, n_out: int, dtype=jnp.float32) -> Array:
 
 
 @jax.custom_vjp
-def target_output(y: Array, carrier: Array, target: Array) -> Array:
+def target_output(
+    y: Float[Array, "batch n_out"],
+    carrier: Float[Array, "batch n_out"],
+    target: Float[Array, "batch n_out"],
+) -> Float[Array, "batch n_out"]:
     """Identity on ``y``; in the backward pass puts ``target`` (not the error) into ``carrier``.
 
     The direct-random-target-projection twin of `fbalign.ops.dfa_output`: with the same

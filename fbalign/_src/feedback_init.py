@@ -7,11 +7,13 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Float, PRNGKeyArray
 
-from fbalign._src.base import Array, PRNGKey
+from fbalign._src.base import Array
 from fbalign._src.checks import check_number
 
-Initializer = Callable[[PRNGKey, tuple[int, ...], jnp.dtype], Array]
+# init(key, shape, dtype) -> an array of that shape
+Initializer = Callable[[PRNGKeyArray, tuple[int, ...], jnp.dtype], Float[Array, "*shape"]]
 
 
 def kernel_fans(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -62,12 +64,12 @@ def _mix32(x: Array) -> Array:
 
 
 def hash_uniform(
-    key: PRNGKey,
+    key: PRNGKeyArray,
     shape: tuple[int, ...],
     dtype: jnp.dtype = jnp.float32,
     minval: float = 0.0,
     maxval: float = 1.0,
-) -> Array:
+) -> Float[Array, "*shape"]:
     """``U[minval, maxval)`` entries from a counter-based hash: for feedback redrawn every step.
 
     Two 32-bit seed words come from ``jax.random.bits(key)``; entry ``i`` is two rounds of the
@@ -120,7 +122,10 @@ def resolve_initializer(init: str | Initializer, scale: float | None, fan: int) 
     return FEEDBACK_INITS[init](scale)
 
 
-def sign_feedback(w: Array, magnitude: Array | float | None = None) -> Array:
+def sign_feedback(
+    w: Float[Array, "*window din dout"],
+    magnitude: Float[Array, "*window din dout"] | Float[Array, ""] | float | None = None,
+) -> Float[Array, "*window din dout"]:
     """``sign(W) * M``: the feedback of sign symmetry, in FA orientation (``W``'s shape).
 
     ``magnitude`` is an array of ``W``'s shape (frSF, brSF), a scalar (uSF), or None for uSF's

@@ -16,20 +16,27 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import Float
 
 from fbalign._src.base import Array
-from fbalign._src.primitives import feedback_op
+from fbalign._src.primitives import LinearOp, feedback_op
 
 Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
 FeedbackCotangent = Literal["zero", "weight"]
 ConvImpl = Literal["xla", "im2col", "auto"]
 CONV_IMPLS = ("xla", "im2col", "auto")
+
+# Channels-last convolution shapes (NHWC inputs, HWIO kernels; ``cin_g = cin // groups``).
+ConvInput = Float[Array, "batch *spatial cin"]
+ConvKernel = Float[Array, "*window cin_g cout"]
+ConvOutput = Float[Array, "batch *out_spatial cout"]
+ConvOp = Callable[[ConvInput, ConvKernel], ConvOutput]
 
 _DIMENSION_NUMBERS = {
     1: ("NWC", "WIO", "NWC"),
@@ -185,7 +192,7 @@ def conv_op(
     feature_group_count: int = 1,
     precision: Any = None,
     impl: ConvImpl = "xla",
-):
+) -> ConvOp:
     """The plain convolution ``op(x, w)`` (channels-last: NHWC inputs, HWIO kernels) that
     `feedback_conv` wraps; cached per configuration. Useful as a reference and for `feedback_op`.
 
@@ -219,10 +226,10 @@ def _check_feedback(w: Array, b: Array, name: str) -> None:
 
 
 def feedback_conv(
-    x: Array,
-    w: Array,
-    b: Array,
-    bias: Array | None = None,
+    x: ConvInput,
+    w: ConvKernel,
+    b: ConvKernel,
+    bias: Float[Array, " cout"] | None = None,
     *,
     strides: int | Sequence[int] = 1,
     padding: Padding = "SAME",
@@ -232,7 +239,7 @@ def feedback_conv(
     precision: Any = None,
     feedback_cotangent: FeedbackCotangent = "zero",
     impl: ConvImpl = "xla",
-) -> Array:
+) -> ConvOutput:
     """A convolution whose backward sends the error through the kernel ``b`` instead of ``w``.
 
     Channels-last layout: ``x`` is ``(batch, *spatial, cin)``, ``w`` and ``b`` are
@@ -270,7 +277,10 @@ def feedback_conv(
     return y
 
 
-def fa_conv(x: Array, w: Array, b: Array, bias: Array | None = None, **conv_kwargs) -> Array:
+def fa_conv(
+    x: ConvInput, w: ConvKernel, b: ConvKernel, bias: Float[Array, " cout"] | None = None,
+    **conv_kwargs: Any,
+) -> ConvOutput:
     """Feedback-alignment convolution: `feedback_conv` with a fixed feedback kernel ``b``.
 
     The error reaching ``x`` is the transposed convolution of the output error with ``b``
@@ -279,14 +289,17 @@ def fa_conv(x: Array, w: Array, b: Array, bias: Array | None = None, **conv_kwar
     return feedback_conv(x, w, b, bias, feedback_cotangent="zero", **conv_kwargs)
 
 
-def kp_conv(x: Array, w: Array, b: Array, bias: Array | None = None, **conv_kwargs) -> Array:
+def kp_conv(
+    x: ConvInput, w: ConvKernel, b: ConvKernel, bias: Float[Array, " cout"] | None = None,
+    **conv_kwargs: Any,
+) -> ConvOutput:
     """Kolen-Pollack convolution: like `fa_conv`, but ``jax.grad`` gives ``b`` the weight's
     gradient (Akrout et al. 2019)."""
     return feedback_conv(x, w, b, bias, feedback_cotangent="weight", **conv_kwargs)
 
 
 @functools.cache
-def einsum_op(spec: str, precision: Any):
+def einsum_op(spec: str, precision: Any) -> LinearOp:
     def op(x: Array, w: Array) -> Array:
         return jnp.einsum(spec, x, w, precision=precision)
 
@@ -295,14 +308,14 @@ def einsum_op(spec: str, precision: Any):
 
 def feedback_einsum(
     spec: str,
-    x: Array,
-    w: Array,
-    b: Array,
-    bias: Array | None = None,
+    x: Float[Array, " ..."],
+    w: Float[Array, " ..."],
+    b: Float[Array, " ..."],
+    bias: Float[Array, " ..."] | None = None,
     *,
     precision: Any = None,
     feedback_cotangent: FeedbackCotangent = "zero",
-) -> Array:
+) -> Float[Array, " ..."]:
     """``jnp.einsum(spec, x, w)`` whose backward sends the error to ``x`` through ``b``.
 
     For attention and other projections, e.g. ``spec="btd,dhk->bthk"`` for the query projection
@@ -316,15 +329,27 @@ def feedback_einsum(
 
 
 def fa_einsum(
-    spec: str, x: Array, w: Array, b: Array, bias: Array | None = None, *, precision: Any = None
-) -> Array:
+    spec: str,
+    x: Float[Array, " ..."],
+    w: Float[Array, " ..."],
+    b: Float[Array, " ..."],
+    bias: Float[Array, " ..."] | None = None,
+    *,
+    precision: Any = None,
+) -> Float[Array, " ..."]:
     """Feedback-alignment einsum: the error reaching ``x`` is ``VJP_x einsum(spec, ., b)``."""
     return feedback_einsum(spec, x, w, b, bias, precision=precision, feedback_cotangent="zero")
 
 
 def kp_einsum(
-    spec: str, x: Array, w: Array, b: Array, bias: Array | None = None, *, precision: Any = None
-) -> Array:
+    spec: str,
+    x: Float[Array, " ..."],
+    w: Float[Array, " ..."],
+    b: Float[Array, " ..."],
+    bias: Float[Array, " ..."] | None = None,
+    *,
+    precision: Any = None,
+) -> Float[Array, " ..."]:
     """Kolen-Pollack einsum: like `fa_einsum`, ``b``'s gradient is ``w``'s."""
     return feedback_einsum(spec, x, w, b, bias, precision=precision, feedback_cotangent="weight")
 
@@ -340,8 +365,10 @@ def dfa_feedback_shape(n_out: int, feature_shape: Sequence[int]) -> tuple[int, .
 
 
 def shared_dfa_feedback(
-    matrix: Array, feature_shape: Sequence[int], scale: float | Array | None = None
-) -> Array:
+    matrix: Float[Array, "n_out max_units"],
+    feature_shape: Sequence[int],
+    scale: float | Float[Array, ""] | None = None,
+) -> Float[Array, "n_out n_l"]:
     """Layer ``l``'s DFA feedback as a slice of one shared matrix: the first ``n_l`` columns.
 
     The memory-lean option: keep a single ``(n_out, max_units)`` matrix instead of one per

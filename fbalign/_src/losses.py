@@ -9,10 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jaxtyping import Float, Int
 
 from fbalign._src.base import Array
 
-Loss = Callable[[Array, Array], Array]
+# Integer class labels or float (one-hot, regression) targets of the output's shape.
+Target = Int[Array, "*batch"] | Float[Array, "*batch n_out"]
+# loss(output, target) -> scalar
+Loss = Callable[[Float[Array, "*batch n_out"], Target], Float[Array, ""]]
 
 
 def _targets_like(y: Array, target: Array) -> Array:
@@ -21,12 +25,12 @@ def _targets_like(y: Array, target: Array) -> Array:
     return target.astype(y.dtype)
 
 
-def cross_entropy(logits: Array, target: Array) -> Array:
+def cross_entropy(logits: Float[Array, "*batch n_out"], target: Target) -> Float[Array, ""]:
     """Softmax cross-entropy, mean over the batch; ``target`` is integer labels or one-hot."""
     return jnp.mean(optax.softmax_cross_entropy(logits, _targets_like(logits, target)))
 
 
-def squared_error(y: Array, target: Array) -> Array:
+def squared_error(y: Float[Array, "*batch n_out"], target: Target) -> Float[Array, ""]:
     """``0.5 * ||y - t||^2`` per example, mean over the batch; integer labels become one-hot."""
     t = _targets_like(y, target)
     return 0.5 * jnp.mean(jnp.sum((y - t) ** 2, axis=-1))

@@ -53,10 +53,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Float, Int
 
 from fbalign._src.base import Array, Batch, Params, StepContext, Tape, TapeRule, rule_feedback
 from fbalign._src.lift import as_learning_rule
-from fbalign._src.losses import get_loss
+from fbalign._src.losses import Loss, Target, get_loss
 from fbalign._src.registry import RULES, get_rule
 
 KINDS = ("fa", "sign", "dfa")  # feedback layouts (`Backward.kind`)
@@ -71,7 +72,7 @@ def _flat(a: Any) -> Array:
     return jnp.concatenate(leaves) if len(leaves) > 1 else leaves[0]
 
 
-def cosine(a: Any, b: Any) -> Array:
+def cosine(a: Any, b: Any) -> Float[Array, ""]:
     """Cosine similarity of ``a`` and ``b`` read as flat vectors (pytrees are concatenated).
 
     NaN when either has zero norm.
@@ -81,7 +82,7 @@ def cosine(a: Any, b: Any) -> Array:
     return jnp.where((na > 0) & (nb > 0), jnp.vdot(a, b) / (na * nb), jnp.nan)
 
 
-def angle(a: Any, b: Any) -> Array:
+def angle(a: Any, b: Any) -> Float[Array, ""]:
     r"""The angle in degrees between ``a`` and ``b`` read as flat vectors.
 
     Computed as ``2 atan2(|u - v|, |u + v|)`` with ``u, v`` the unit vectors, which is exact at
@@ -97,12 +98,14 @@ def angle(a: Any, b: Any) -> Array:
     return jnp.where(ok, jnp.degrees(rad), jnp.nan)
 
 
-def norm_ratio(a: Any, b: Any) -> Array:
+def norm_ratio(a: Any, b: Any) -> Float[Array, ""]:
     """``|a| / |b|`` (Euclidean/Frobenius norms of the flattened arrays); inf when ``b`` is 0."""
     return jnp.linalg.norm(_flat(a)) / jnp.linalg.norm(_flat(b))
 
 
-def lillicrap_criterion(error: Array, w: Array, b: Array) -> Array:
+def lillicrap_criterion(
+    error: Float[Array, "batch dout"], w: Float[Array, "din dout"], b: Float[Array, "din dout"]
+) -> Float[Array, ""]:
     r"""Fraction of examples with ``e^T W B e > 0`` (Lillicrap et al. 2016), row-major.
 
     Args:
@@ -141,7 +144,7 @@ def layer_vectors(tree: Any) -> list[Any]:
     return [tree]
 
 
-def update_gradient_metrics(updates: Params, grads: Params) -> dict[str, Array]:
+def update_gradient_metrics(updates: Params, grads: Params) -> dict[str, Float[Array, ""]]:
     """Per layer ``i``: ``update_angle_l{i}`` (degrees) and ``update_norm_ratio_l{i}``.
 
     ``updates`` is a rule's update and ``grads`` the true gradient ``jax.grad(loss)(params)``
@@ -157,7 +160,7 @@ def update_gradient_metrics(updates: Params, grads: Params) -> dict[str, Array]:
     return out
 
 
-def downstream_products(params: Params) -> list[Array | None]:
+def downstream_products(params: Params) -> list[Float[Array, "n_l n_out"] | None]:
     """``P_l = W_{l+1} @ ... @ W_{L-1}`` (shape ``(n_l, n_out)``) for hidden layers, None last."""
     ws = [p["w"] for p in params]
     out: list[Array | None] = [None] * len(ws)
@@ -169,8 +172,8 @@ def downstream_products(params: Params) -> list[Array | None]:
 
 
 def feedback_matrices(
-    params: Params, feedback: Sequence[Array | None], kind: str
-) -> list[tuple[int, Array, Array]]:
+    params: Params, feedback: Sequence[Float[Array, " ..."] | None], kind: str
+) -> list[tuple[int, Float[Array, "rows cols"], Float[Array, "rows cols"]]]:
     """``[(l, B_l, W_l or P_l^T), ...]``: each layer's effective feedback and its target.
 
     See the module docstring for the orientation of each ``kind`` (``"fa"``, ``"sign"``,
@@ -206,8 +209,12 @@ def feedback_matrices(
 
 
 def rule_deltas(
-    params: Params, feedback: Sequence[Array | None], kind: str, tape: Tape, error: Array
-) -> list[Array]:
+    params: Params,
+    feedback: Sequence[Float[Array, " ..."] | None],
+    kind: str,
+    tape: Tape,
+    error: Float[Array, "batch n_out"],
+) -> list[Float[Array, "batch n_l"]]:
     """The per-example errors ``delta_l`` the rule computes at each layer's pre-activation.
 
     FA/sign: ``delta_{l-1} = (delta_l B_l^T) * f'(a_{l-1})``; DFA: ``delta_l = (e B_l) *
@@ -227,11 +234,11 @@ def rule_deltas(
 
 def feedback_metrics(
     params: Params,
-    feedback: Sequence[Array | None],
+    feedback: Sequence[Float[Array, " ..."] | None],
     kind: str,
     tape: Tape | None = None,
-    error: Array | None = None,
-) -> dict[str, Array]:
+    error: Float[Array, "batch n_out"] | None = None,
+) -> dict[str, Float[Array, ""]]:
     """Per layer ``l`` with feedback: ``feedback_angle_l{l}``, ``feedback_norm_ratio_l{l}`` and,
     given the ``tape`` and output ``error`` of a batch, ``criterion_l{l}``.
 
@@ -298,15 +305,15 @@ def feedback_kind(
 def make_alignment_probe(
     model: Any,
     rule: TapeRule | str,
-    loss: Callable[[Array, Array], Array] | str,
-    x: Array,
-    y: Array,
+    loss: Loss | str,
+    x: Float[Array, "batch ..."],
+    y: Target,
     *,
     kind: str | None = "auto",
     rule_kwargs: dict | None = None,
     jit: bool = True,
-    index: Array | None = None,
-) -> Callable[[Any], dict[str, Array]]:
+    index: Int[Array, " batch"] | None = None,
+) -> Callable[[Any], dict[str, Float[Array, "*seeds"]]]:
     """Builds ``probe_fn(state) -> dict`` of alignment metrics on the fixed batch ``(x, y)``.
 
     Use it with `fbalign.train.fit` (``probe_fn=..., probe_every=N``): every ``N`` steps it

@@ -19,19 +19,29 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Float
 
 from fbalign._src.base import Array
 from fbalign._src.sharding import varying_axes
 
-LinearOp = Callable[[Array, Array], Array]
+# op(x, w) linear in x: shapes depend on the op (dense, convolution, einsum...)
+LinearOp = Callable[[Float[Array, " ..."], Float[Array, " ..."]], Float[Array, " ..."]]
 # grad(e, h, b, targets) -> g_b: a DFA-style rule's feedback gradient (flattened arrays)
-FeedbackGrad = Callable[[Array, Array, Array, Array], Array]
+FeedbackGrad = Callable[
+    [Float[Array, "batch n_out"], Float[Array, "batch n_h"], Float[Array, "n_out n_h"],
+     Float[Array, "batch n_out"]],
+    Float[Array, "n_out n_h"],
+]
+# f(x, w, b) = op(x, w): the feedback op `feedback_op` returns
+FeedbackOp = Callable[
+    [Float[Array, " ..."], Float[Array, " ..."], Float[Array, " ..."]], Float[Array, " ..."]
+]
 
 
 @functools.cache
 def feedback_op(
     op: LinearOp, feedback_cotangent: Literal["zero", "weight"] = "zero"
-) -> Callable[[Array, Array, Array], Array]:
+) -> FeedbackOp:
     """Makes ``f(x, w, b) = op(x, w)`` whose backward sends the error through ``op(., b)``.
 
     Args:
@@ -51,7 +61,8 @@ def feedback_op(
         )
 
     @jax.custom_vjp
-    def f(x: Array, w: Array, b: Array) -> Array:
+    def f(x: Float[Array, " ..."], w: Float[Array, " ..."],
+          b: Float[Array, " ..."]) -> Float[Array, " ..."]:
         return op(x, w)
 
     def fwd(x, w, b):
@@ -74,7 +85,9 @@ def _matmul(x: Array, w: Array) -> Array:
     return jnp.matmul(x, w)
 
 
-def fa_matmul(x: Array, w: Array, b: Array) -> Array:
+def fa_matmul(
+    x: Float[Array, "*batch din"], w: Float[Array, "din dout"], b: Float[Array, "din dout"]
+) -> Float[Array, "*batch dout"]:
     """``x @ w`` whose backward sends the error as ``g @ b.T`` (feedback alignment).
 
     Lillicrap, Cownden, Tweed & Akerman (2016), "Random synaptic feedback weights support error
@@ -85,7 +98,9 @@ def fa_matmul(x: Array, w: Array, b: Array) -> Array:
     return feedback_op(_matmul)(x, w, b)
 
 
-def kp_matmul(x: Array, w: Array, b: Array) -> Array:
+def kp_matmul(
+    x: Float[Array, "*batch din"], w: Float[Array, "din dout"], b: Float[Array, "din dout"]
+) -> Float[Array, "*batch dout"]:
     """Like `fa_matmul`, but ``jax.grad`` also returns the weight's gradient for ``b``.
 
     Kolen & Pollack (1994); Akrout et al. (2019), "Deep learning without weight transport":
@@ -118,7 +133,9 @@ def _match_varying(carrier: Array, like: Array) -> Array:
     return jax.lax.pcast(carrier, tuple(sorted(missing)), to="varying")
 
 
-def dfa_output(y: Array, carrier: Array) -> Array:
+def dfa_output(
+    y: Float[Array, "batch n_out"], carrier: Float[Array, "batch n_out"]
+) -> Float[Array, "batch n_out"]:
     """Identity on ``y``; in the backward pass copies the error ``dL/dy`` into ``carrier``.
 
     Place it on the output pre-activation ``a_L`` with ``carrier = jnp.zeros_like(a_L)`` threaded
@@ -147,13 +164,13 @@ _dfa_output.defvjp(_dfa_output_fwd, _dfa_output_bwd)
 
 
 def dfa_hidden(
-    h: Array,
-    carrier: Array,
-    b: Array,
+    h: Float[Array, " batch *map"],
+    carrier: Float[Array, "batch n_out"],
+    b: Float[Array, " n_out *map"] | Float[Array, "n_out n_h"],
     *,
     feedback_cotangent: Literal["zero", "activity"] | FeedbackGrad = "zero",
-    targets: Array | None = None,
-) -> tuple[Array, Array]:
+    targets: Float[Array, "batch n_out"] | None = None,
+) -> tuple[Float[Array, " batch *map"], Float[Array, "batch n_out"]]:
     """Identity on ``(h, carrier)``; backward replaces the error reaching ``h`` by ``e @ b``.
 
     ``e`` is the output error that `dfa_output` put in the carrier's cotangent; ``b`` has shape
@@ -188,7 +205,12 @@ def dfa_hidden(
 SMALL_CONTRACTION = 16
 
 
-def project_error(e: Array, b: Array, *, impl: Literal["auto", "dot", "sum"] = "auto") -> Array:
+def project_error(
+    e: Float[Array, "batch n_out"],
+    b: Float[Array, " n_out *hidden"],
+    *,
+    impl: Literal["auto", "dot", "sum"] = "auto",
+) -> Float[Array, " batch *hidden"]:
     """``e @ b`` contracting ``e``'s last axis with ``b``'s first (``jnp.tensordot(e, b, 1)``).
 
     This is the direct feedback projection of DFA-style rules (Nokland 2016): ``e`` is the
@@ -279,11 +301,11 @@ def _dfa_hidden_bwd(b, g):
 _dfa_hidden.defvjp(_dfa_hidden_fwd, _dfa_hidden_bwd)
 
 
-def dfa_carrier(y_shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+def dfa_carrier(y_shape: tuple[int, ...], dtype=jnp.float32) -> Float[Array, "batch n_out"]:
     """The all-zeros error carrier for `dfa_hidden`/`dfa_output` (shape of the output)."""
     return jnp.zeros(y_shape, dtype)
 
 
-def stop_error(x: Array) -> Array:
+def stop_error(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
     """Blocks the error: nothing below this point learns from the loss (``lax.stop_gradient``)."""
     return jax.lax.stop_gradient(x)

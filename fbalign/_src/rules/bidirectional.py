@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Float
 
 from fbalign._src.activations import get_activation
 from fbalign._src.backward import DirectFeedback, LinearFeedback
@@ -43,7 +44,7 @@ class BidirectionalFeedbackAlignmentState(NamedTuple):
     """``feedback[l]`` has ``W_l``'s shape ``(din, dout)`` for *every* layer: ``B_1..B_{L-1}``
     carry the error down, and all of them form the top-down network that generates the input."""
 
-    feedback: tuple[Array, ...]
+    feedback: tuple[Float[Array, "din dout"], ...]
 
 
 def _activation(f: str | Callable[[Array], Array]) -> Callable[[Array], Array]:
@@ -58,8 +59,8 @@ def _value_and_deriv(f: Callable[[Array], Array], a: Array) -> tuple[Array, Arra
 
 def bidirectional_feedback_alignment(
     learning_rate: float = 0.01,
-    activation: str | Callable[[Array], Array] = "tanh",
-    input_activation: str | Callable[[Array], Array] = "linear",
+    activation: str | Callable[[Float[Array, "*shape"]], Float[Array, "*shape"]] = "tanh",
+    input_activation: str | Callable[[Float[Array, "*shape"]], Float[Array, "*shape"]] = "linear",
     init: str | Initializer = "gaussian",
     scale: float | None = None,
 ) -> TapeRule:
@@ -166,7 +167,7 @@ class BidirectionalDirectFeedbackAlignmentState(NamedTuple):
     it carries the output error down to layer ``l`` and predicts that layer's activity from the
     target."""
 
-    feedback: tuple[Array | None, ...]
+    feedback: tuple[Float[Array, " n_out *map"] | None, ...]
 
 
 def bidirectional_direct_feedback_alignment(
@@ -284,7 +285,12 @@ def bidirectional_direct_feedback_alignment(
     return TapeRule(init_fn, update_fn, advance_fn, backward=backward)
 
 
-def bdfa_feedback_grad(e: Array, h: Array, b: Array, t: Array) -> Array:
+def bdfa_feedback_grad(
+    e: Float[Array, "batch n_out"],
+    h: Float[Array, "batch n_h"],
+    b: Float[Array, "n_out n_h"],
+    t: Float[Array, "batch n_out"],
+) -> Float[Array, "n_out n_h"]:
     """``d/dB`` of bidirectional DFA's backward loss ``mean_batch sum_units 1 - sigmoid((t B)
     * h)`` (Luo, Fu & Glass 2017, Sec. 4.2): ``-(1/n) t^T (s (1 - s) h)`` with ``s =
     sigmoid((t B) * h)``, on flattened ``h`` ``(n, n_h)``, ``B`` ``(n_out, n_h)`` and one-hot

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from jaxtyping import Float
+
 from fbalign._src.backward import TargetProjection
 from fbalign._src.base import (
     Array,
@@ -30,7 +32,7 @@ class DirectRandomTargetProjectionState(NamedTuple):
     """``feedback[l]`` has shape ``(n_out, n_l)`` for hidden layers; the output layer's is None
     (the orientation of direct feedback alignment)."""
 
-    feedback: tuple[Array | None, ...]
+    feedback: tuple[Float[Array, " n_out *map"] | None, ...]
 
 
 def direct_random_target_projection(

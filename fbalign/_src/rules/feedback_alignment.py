@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
+from jaxtyping import Float, PRNGKeyArray
 
 from fbalign._src.backward import DirectFeedback, LinearFeedback
 from fbalign._src.base import (
@@ -28,13 +30,13 @@ DFA_ORIENTATION = "B_l has shape (n_out, n_l); hidden layer l receives e @ B_l"
 class FeedbackAlignmentState(NamedTuple):
     """Fixed random feedback: ``feedback[l]`` has ``W_l``'s shape; ``feedback[0]`` is None."""
 
-    feedback: tuple[Array | None, ...]
+    feedback: tuple[Float[Array, "*window din dout"] | None, ...]
 
 
 class DirectFeedbackAlignmentState(NamedTuple):
     """``feedback[l]`` has shape ``(n_out, n_l)`` for hidden layers; the output layer's is None."""
 
-    feedback: tuple[Array | None, ...]
+    feedback: tuple[Float[Array, " n_out *map"] | None, ...]
 
 
 def fa_feedback_shapes(params: Params) -> list[tuple[int, int] | None]:
@@ -43,7 +45,8 @@ def fa_feedback_shapes(params: Params) -> list[tuple[int, int] | None]:
 
 
 def dfa_feedback_shapes(params: Params, tape: Tape | None = None,
-                        feedback: Any = None, feature_shapes: Any = None,
+                        feedback: Sequence[Float[Array, " n_out *map"] | None] | None = None,
+                        feature_shapes: Any = None,
                         ) -> list[tuple[int, ...] | None]:
     """Feedback shapes DFA needs: ``(n_out, n_l)`` for hidden layers, None for the output.
 
@@ -74,14 +77,16 @@ def dfa_feedback_shapes(params: Params, tape: Tape | None = None,
     return [(n_out, w.shape[1]) for w, _ in layers[:-1]] + [None]
 
 
-def project(tape: Tape, i: int, e: Array, b: Array) -> Array:
+def project(
+    tape: Tape, i: int, e: Float[Array, "batch n_out"], b: Float[Array, " n_out *map"]
+) -> Float[Array, " batch *map"]:
     """``e @ B_i`` (`project_error`) shaped like hidden layer ``i``'s pre-activation: the
     direct feedback of DFA-style rules, on dense layers or feature maps."""
     return project_error(e, b).reshape(tape.preacts[i].shape)
 
 
-def draw_feedback(key: PRNGKey, shapes, init, scale, dtype, fan_axis: int,
-                  glorot: bool = False):
+def draw_feedback(key: PRNGKeyArray, shapes, init, scale, dtype, fan_axis: int,
+                  glorot: bool = False) -> tuple[Float[Array, " ..."] | None, ...]:
     """Random feedback of the given ``shapes`` (None entries stay None), one key per entry.
 
     ``init``/``scale`` as in `feedback_alignment`; the default scale uses the fan that one
@@ -113,7 +118,9 @@ def direct_fan(shape: tuple[int, ...], glorot: bool) -> float:
     return (shape[0] + math.prod(shape[1:])) / 2 if glorot else shape[0]
 
 
-def direct_feedback(key: PRNGKey, params: Params, init, scale, feature_shapes=None):
+def direct_feedback(
+    key: PRNGKeyArray, params: Params, init, scale, feature_shapes=None
+) -> tuple[Float[Array, " n_out *map"] | None, ...]:
     """The feedback of a DFA-style rule: one ``B_l`` per hidden layer, None for the output,
     shaped by `dfa_feedback_shapes` (the feature maps where a layered network gives
     ``feature_shapes``), with Glorot's default scale on networks with feature maps

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
+from jaxtyping import Float
 
 from fbalign._src.backward import LinearFeedback
 from fbalign._src.base import (
@@ -22,6 +23,7 @@ from fbalign._src.base import (
 )
 from fbalign._src.checks import check_number
 from fbalign._src.feedback_init import Initializer
+from fbalign._src.primitives import LinearOp
 from fbalign._src.rules.feedback_alignment import FA_ORIENTATION, draw_feedback, fa_feedback_shapes
 
 
@@ -29,14 +31,14 @@ class KolenPollackState(NamedTuple):
     """``feedback[l]`` has ``W_l``'s shape ``(din, dout)``; ``feedback[0]`` is None. Updated by
     every ``update`` (it is the rule's own copy of the feedback weights, outside ``params``)."""
 
-    feedback: tuple[Array | None, ...]
+    feedback: tuple[Float[Array, "*window din dout"] | None, ...]
 
 
 class WeightMirrorState(NamedTuple):
     """``feedback[l]`` has ``W_l``'s shape ``(din, dout)``; ``feedback[0]`` is None. Updated by
     the mirror phase that every ``update`` runs after computing the forward updates."""
 
-    feedback: tuple[Array | None, ...]
+    feedback: tuple[Float[Array, "*window din dout"] | None, ...]
 
 
 def kolen_pollack(
@@ -129,7 +131,13 @@ def kolen_pollack(
                     LinearFeedback(feedback=feedback, learn=True))
 
 
-def mirror_step(b: Array, w: Array, noise: Array, learning_rate: float, weight_decay: float):
+def mirror_step(
+    b: Float[Array, "din dout"],
+    w: Float[Array, "din dout"],
+    noise: Float[Array, "batch din"],
+    learning_rate: float,
+    weight_decay: float,
+) -> Float[Array, "din dout"]:
     r"""One mirror-mode update of a feedback matrix from a batch of noise.
 
     .. math::
@@ -148,13 +156,13 @@ def _matmul(x: Array, w: Array) -> Array:
 
 
 def mirror_op_step(
-    b: Array,
-    w: Array,
-    noise: Array,
-    op: Callable[[Array, Array], Array],
+    b: Float[Array, "*window din dout"],
+    w: Float[Array, "*window din dout"],
+    noise: Float[Array, "batch *spatial din"],
+    op: LinearOp,
     learning_rate: float,
     weight_decay: float,
-) -> Array:
+) -> Float[Array, "*window din dout"]:
     r"""`mirror_step` for any layer ``y = op(x, W)`` linear in ``W`` (dense, convolution).
 
     .. math::

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Float
 
 from fbalign._src.backward import Backward, DirectFeedback, LinearFeedback
 from fbalign._src.base import (
@@ -43,7 +44,7 @@ class RandomBackpropState(NamedTuple):
     None.
     """
 
-    feedback: tuple[Array | None, ...]
+    feedback: tuple[Float[Array, "*window din dout"] | Float[Array, " n_out *map"] | None, ...]
 
 
 def nonzeros_per_unit(density: float, fan: int, nonzeros: int | None = None) -> int:

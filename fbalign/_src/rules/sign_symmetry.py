@@ -7,6 +7,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Float, PRNGKeyArray
 
 from fbalign._src.backward import SignFeedback
 from fbalign._src.base import (
@@ -38,7 +39,7 @@ class SignSymmetryState(NamedTuple):
     is read from the current ``W_l`` at every step, so only magnitudes are stored.
     """
 
-    feedback: tuple[Array | None, ...]
+    feedback: tuple[Float[Array, ""] | Float[Array, "*window din dout"] | None, ...]
 
 
 class BatchRandomSignState(NamedTuple):
@@ -49,15 +50,19 @@ class BatchRandomSignState(NamedTuple):
     into the construction of ``sign(W) * M`` inside the step.
     """
 
-    key: PRNGKey
+    key: PRNGKeyArray
 
 
 DISTRIBUTIONS = ("uniform", "normal")
 
 
 def draw_magnitude(
-    key: PRNGKey, shape: tuple[int, ...], dtype: Any, std: float, distribution: str = "uniform"
-) -> Array:
+    key: PRNGKeyArray,
+    shape: tuple[int, ...],
+    dtype: Any,
+    std: float,
+    distribution: str = "uniform",
+) -> Float[Array, "*shape"]:
     """Random sign-symmetry magnitudes ``|R|``, ``R`` of standard deviation ``std``.
 
     ``"uniform"``: ``R ~ U(-sqrt(3) std, sqrt(3) std)``, so ``|R| ~ U[0, sqrt(3) std)`` (BioTorch
