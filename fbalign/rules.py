@@ -47,6 +47,7 @@ from fbalign._src.rules.feedback_alignment import (
 )
 from fbalign._src.rules.forward_gradient import forward_gradient, sample_tangents
 from fbalign._src.rules.predictive_coding import predictive_coding
+from fbalign._src.rules.shallow import shallow
 
 __all__ = [
     "FEEDBACK_INITS",
@@ -80,6 +81,7 @@ __all__ = [
     "RuleSpec",
     "Tape",
     "backprop",
+    "shallow",
     "chain_updates",
     "check_feedback_shapes",
     "check_state_dtypes",

@@ -159,7 +159,7 @@ LEGACY_MODES = {
     "arbp": ("kp", {}), "asrbp": ("adfa", {}), "sparse_rbp": ("fa", {}),
     "kbit_rbp": ("fa", {"error_bits": 2}), "nd_rbp": ("fa", {"derivative": False}),
     "kp": ("kp", {}), "wm": ("fa", {}), "bfa": ("fa", {}), "bdfa": ("bdfa", {}),
-    "drtp": ("drtp", {}),
+    "drtp": ("drtp", {}), "shallow": ("shallow", {}),
 }
 # Rules added after the mode strings went: their grad form is held to their explicit form in
 # their own test files (and in test_fa_family's grad == explicit check).

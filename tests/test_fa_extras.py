@@ -281,3 +281,22 @@ def test_transposed_feedback_is_refused(name):
     bad = (state.feedback[0].T,) + tuple(state.feedback[1:])
     with pytest.raises(FeedbackShapeError, match="transposed"):
         explicit(model, rule, params, state._replace(feedback=bad), x, labels)
+
+
+def test_shallow_learning_updates_only_the_output_layer_with_its_gradient():
+    """Lillicrap et al. 2016's baseline: hidden layers get zeros, the output layer its exact
+    gradient, in both forms (explicit on the tape, jax.grad through `Shallow`)."""
+    model = fb.mlp((6, 5, 4, 3))
+    params = model.init(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (7, 6))
+    y = jnp.array([0, 1, 2, 0, 1, 2, 0])
+    loss = fb.losses.get_loss("cross_entropy")
+    grads = jax.grad(lambda p: loss(model.apply(p, x), y))(params)
+    ctx = fb.rules.StepContext(model, loss)
+    for lift in (fb.rules.explicit, fb.rules.through_primitives):
+        upd = lift(fb.rules.shallow()).step(params, fb.rules.EmptyState(),
+                                            fb.rules.Batch(x, y), None, ctx)[0]
+        for i in range(2):
+            assert all(float(jnp.abs(v).max()) == 0.0 for v in upd[i].values())
+        np.testing.assert_allclose(upd[2]["w"], grads[2]["w"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(upd[2]["b"], grads[2]["b"], rtol=1e-5, atol=1e-7)

@@ -81,6 +81,11 @@ def _positive(kind: type):
     return _number(kind, low=0, low_open=True)
 
 
+def positive_int(value: str) -> int:
+    """An argparse type: a positive int (other commands' options share ``train``'s checks)."""
+    return _positive(int)(value)
+
+
 def _number(kind: type, low: float | None = None, high: float | None = None, *,
             low_open: bool = False, high_open: bool = False):
     """An argparse type: a finite ``kind`` in ``[low, high]`` (ends open as asked); NaN, inf
@@ -258,6 +263,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "default), unit ([0, 1]) or none (raw)")
     p.add_argument("--data-dir", default=None,
                    help=f"directory holding mnist.npz (overrides ${DATA_ENV})")
+    p.add_argument("--train-subset", type=_positive(int), default=None, metavar="N",
+                   help="train on the first N training examples only (the test set is kept "
+                        "whole): quick runs of a full-size setup; default all")
     p.add_argument("--seed", type=_number(int, 0, 2**32, high_open=True), default=0,
                    help="seed of the network, the data order and the rule (default 0)")
     p.add_argument("--data-seed", type=_number(int, 0, 2**32, high_open=True), default=None,
@@ -698,6 +706,12 @@ def _load_train_data(args):
                             **kwargs)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    subset = getattr(args, "train_subset", None)
+    if subset is not None:
+        if subset > len(data.x_train):
+            raise UsageError(f"--train-subset {subset} is larger than the training set "
+                             f"({len(data.x_train)} examples of {data.name})")
+        data = data._replace(x_train=data.x_train[:subset], y_train=data.y_train[:subset])
     if args.loss == "cross_entropy" and not data.num_classes:
         raise UsageError(f"--loss cross_entropy needs class labels, but {data.name} is a "
                          "regression task (real-valued targets); use --loss squared_error")
@@ -924,9 +938,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scale_args(p)
     p.set_defaults(func=cmd_train)
     _add_report_commands(sub)
+    from fbalign._src.reproduce import add_reproduce_command
     from fbalign._src.sweep import add_sweep_command
 
     add_sweep_command(sub)
+    add_reproduce_command(sub)
     return parser
 
 

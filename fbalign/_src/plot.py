@@ -507,7 +507,7 @@ def _resume_compare(args) -> tuple[Path, list, int]:
     subs = []
     for rule in config["rules"]:
         run = base / rule
-        if _finished(run, epochs):
+        if run_finished(run, epochs):
             subs.append((rule, None))
         elif (run / "config.json").is_file() and latest_checkpoint(run / CHECKPOINT_DIR):
             argv = ["train", "--resume", str(run)] + [
@@ -556,10 +556,10 @@ def _compare_config(args) -> tuple[Path, dict]:
     return base, config
 
 
-def _finished(run: Path, epochs: int) -> bool:
-    """Whether a comparison's run of one rule finished ``epochs`` epochs: its summary (written
-    last) is of that epoch (a run extended by ``--resume --epochs`` and stopped part-way still
-    holds the summary of the epoch before)."""
+def run_finished(run: Path, epochs: int) -> bool:
+    """Whether a run (of a comparison, a reproduction) finished ``epochs`` epochs: its summary
+    (written last) is of that epoch (a run extended by ``--resume --epochs`` and stopped
+    part-way still holds the summary of the epoch before)."""
     try:
         return json.loads((run / "summary.json").read_text()).get("epoch") == epochs
     except (OSError, json.JSONDecodeError, AttributeError):

@@ -43,6 +43,7 @@ from fbalign._src.rules.random_backprop import (
     skipped_random_backprop,
     sparse_random_backprop,
 )
+from fbalign._src.rules.shallow import shallow
 from fbalign._src.rules.sign_symmetry import brsf, frsf, usf
 from fbalign._src.rules.synthetic_gradients import cdni, dni
 from fbalign._src.rules.target_propagation import ddtp, drl, dtp, ldrl, tp
@@ -102,6 +103,8 @@ RULES: dict[str, RuleSpec] = {
                      "bidirectional direct feedback alignment, Luo et al. 2017", stateful=True),
     "drtp": RuleSpec(direct_random_target_projection,
                      "direct random target projection, Frenkel et al. 2021"),
+    "shallow": RuleSpec(shallow, "shallow learning: only the output layer learns (baseline, "
+                                 "Lillicrap et al. 2016)"),
     # Learned and structured feedback (issue 21).
     "ia": RuleSpec(information_alignment,
                    "information alignment (amp + null + decay), Kunin et al. 2020", stateful=True),

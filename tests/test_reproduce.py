@@ -1,0 +1,131 @@
+"""``fbalign reproduce``: recipes are data checked when loaded, each recipe's quick budget runs
+and its checks hold, the report puts the paper's numbers beside ours, and a reproduction
+resumes."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import mnist_dir
+
+import fbalign._src.cli as cli
+from fbalign._src.reproduce import (
+    RecipeError,
+    budget_rules,
+    check_claims,
+    load_recipe,
+    recipes,
+    results,
+)
+from fbalign.cli import main
+
+pytest.importorskip("matplotlib")
+
+GOOD = """
+name = "toy"
+title = "toy"
+cite = "nobody 2026"
+[defaults]
+dataset = "digits"
+hidden = [16]
+epochs = 1
+[[experiment]]
+name = "e"
+rules = ["bp", "fa"]
+paper = { bp = 1.0 }
+"""
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_recipe_loads_and_names_what_it_cites():
+    found = recipes()
+    assert {"lillicrap2016", "akrout2019", "biotorch2021", "luo2017"} <= set(found)
+    for recipe in found.values():
+        for exp in recipe["experiment"]:
+            assert exp.get("source"), (recipe["name"], exp["name"])
+            assert set(exp.get("paper", {})) <= set(exp["rules"])
+
+
+@pytest.mark.parametrize("change, msg", [
+    (("hidden = [16]", "hiden = [16]"), "unknown option 'hiden'; valid: .*hidden"),
+    (("epochs = 1", "epochs = -1"), r"epochs = -1 is not a valid --epochs"),
+    (("hidden = [16]", "optimizer = \"adamw2\""), "optimizer .* valid: .*adam"),
+    (('rules = ["bp", "fa"]', 'rules = ["bp", "fax"]'), "unknown rule\\(s\\) fax"),
+    (("paper = { bp = 1.0 }", "paper = { dfa = 1.0 }"), "paper number for 'dfa'"),
+    (("paper = { bp = 1.0 }", 'quick_claims = [["bp", "<<", "fa"]]'), "quick_claims entries"),
+    (('name = "e"', 'name = "e"\nrule_options = { dfa = { lr = 0.1 } }'), "not in its rules"),
+    (('title = "toy"', 'titel = "toy"'), "unknown key\\(s\\) titel"),
+])
+def test_a_recipe_naming_an_unknown_option_or_a_bad_value_is_refused_when_loaded(
+        tmp_path, change, msg):
+    load_recipe(_write(tmp_path, GOOD))  # the unchanged recipe loads
+    with pytest.raises(RecipeError, match=msg):
+        load_recipe(_write(tmp_path, GOOD.replace(*change)))
+
+
+def _quick(name, tmp_path, capsys):
+    out = tmp_path / name
+    assert main(["reproduce", name, "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    recipe = recipes()[name]
+    report = (out / "report.md").read_text()
+    for exp in recipe["experiment"]:
+        res = results(out, exp, "quick")
+        assert check_claims(exp, res) == [], (name, exp["name"])
+        for rule in budget_rules(exp, "quick"):  # the paper's number beside ours
+            paper = exp.get("paper", {}).get(rule)
+            row = next(line for line in report.splitlines() if line.startswith(f"| `{rule}` |")
+                       and (paper is None or f"| {paper} |" in line))
+            assert re.search(r"\| \d+(\.\d+)?(e-?\d+)? \+- ", row), row
+    assert "Quick-budget checks: all hold." in report
+    return out
+
+
+@pytest.mark.skipif(mnist_dir() is None, reason="needs ../shared/data/mnist.npz")
+def test_lillicrap2016_quick_budget_learns_and_shallow_stays_behind(tmp_path, capsys):
+    _quick("lillicrap2016", tmp_path, capsys)
+
+
+def test_akrout2019_quick_budget_learns_and_kp_beats_fa(tmp_path, capsys, monkeypatch):
+    out = _quick("akrout2019", tmp_path, capsys)
+    kp = json.loads((out / "mnist-784-500-10" / "kp" / "config.json").read_text())
+    assert kp["rule_args"] == {"learning_rate": 0.3, "weight_decay": 0.0} and kp["lr"] == 0.3
+    # --resume with the same options: every run finished, nothing trains, the report is rewritten
+    trained = []
+    monkeypatch.setattr(cli, "cmd_train", lambda ns: trained.append(ns) or 0)
+    (out / "report.md").unlink()
+    assert main(["reproduce", "akrout2019", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert trained == [] and (out / "report.md").is_file()
+    assert main(["reproduce", "akrout2019", "--out", str(out), "--resume", "--seeds", "2"]) == 2
+    assert "started with other options: seeds 1 (now 2)" in capsys.readouterr().err
+    assert main(["reproduce", "akrout2019", "--out", str(out)]) == 2  # never overwritten
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(mnist_dir() is None, reason="needs ../shared/data/mnist.npz")
+def test_biotorch2021_quick_budget_learns_on_lenet(tmp_path, capsys):
+    _quick("biotorch2021", tmp_path, capsys)
+
+
+def test_list_and_unknown_names(capsys):
+    assert main(["reproduce", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in recipes())
+    assert main(["reproduce", "nope"]) == 2
+    assert "unknown recipe 'nope'; valid: " in capsys.readouterr().err
+
+
+def test_luo2017_quick_budget_learns_with_bidirectional_feedback(tmp_path, capsys):
+    out = _quick("luo2017", tmp_path, capsys)
+    report = (out / "report.md").read_text()
+    assert report.count("Not run at the quick budget.") == 5  # quick_skip: one experiment runs
+    bfa = json.loads((out / "mnist-1x400" / "bfa" / "config.json").read_text())
+    assert bfa["rule_args"]["activation"] == "tanh"
