@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Int
+from jaxtyping import Float, Int
 
 Array = jax.Array
 PRNGKey = jax.Array
@@ -79,12 +79,12 @@ class Tape(NamedTuple):
     such chain; on a dense one they are the plain matrix products.
     """
 
-    inputs: tuple[Array, ...]
-    preacts: tuple[Array, ...]
-    derivs: tuple[Array, ...]
-    output: Array
+    inputs: tuple[Float[Array, " batch *in_l"], ...]
+    preacts: tuple[Float[Array, " batch *out_l"], ...]
+    derivs: tuple[Float[Array, " batch *out_l"], ...]
+    output: Float[Array, "batch n_out"]
     links: Links | None = None
-    hidden: tuple[Array, ...] | None = None
+    hidden: tuple[Float[Array, " batch *out_l"], ...] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -227,8 +227,8 @@ class Batch(NamedTuple):
         per-example state (ADMM, alternating minimisation); None where the caller has none.
     """
 
-    x: Array
-    y: Array
+    x: Float[Array, " batch *in"]
+    y: Int[Array, " batch"] | Float[Array, "batch n_out"]
     index: Int[Array, " batch"] | None = None
 
 
@@ -254,9 +254,9 @@ class StepOutput(NamedTuple):
     """What a step reports besides its updates: the batch loss, the network output the loss saw,
     and any rule-specific scalars (``metrics``, averaged and logged by the harness)."""
 
-    loss: Array
-    output: Array
-    metrics: dict[str, Array] | None = None
+    loss: Float[Array, ""]
+    output: Float[Array, "batch n_out"]
+    metrics: dict[str, Float[Array, ""]] | None = None
 
 
 class LearningRule(NamedTuple):

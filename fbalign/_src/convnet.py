@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Float
 
 from fbalign._src.backward import Backward
 from fbalign._src.base import Array, EmptyState, LayerOp, Params, PRNGKey, Tape, TapeRule
@@ -260,7 +261,7 @@ class LeNet5:
     def apply(
         self,
         params: Params,
-        x: Array,
+        x: Float[Array, "batch 784"] | Float[Array, "batch 28 28 1"],
         feedback: Sequence[Array | None] | Array | None = None,
         mode: str = "bp",
         *,
@@ -268,7 +269,7 @@ class LeNet5:
         derivative: bool = True,
         error_bits: int | None = None,
         backward: Backward | None = None,
-    ) -> Array:
+    ) -> Float[Array, "batch n_out"]:
         """Forward pass returning logits; its ``jax.grad`` runs the rule's backward
         (``backward=``, a `fbalign._src.backward.Backward`, else built from ``mode``).
 
@@ -306,7 +307,8 @@ class LeNet5:
         return run_layers(backward, [f] * (self.num_layers - 1) + [_identity], ops, params, x,
                           self.num_classes, between=self._between)
 
-    def forward(self, params: Params, x: Array) -> tuple[Array, Tape]:
+    def forward(self, params: Params, x: Float[Array, "batch ..."]
+                ) -> tuple[Float[Array, "batch n_out"], Tape]:
         """Forward pass returning the logits and the `Tape` (with its `Links`: the two
         convolutions, pooling and flattening) for the explicit form of a rule
         (``rule.update``)."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Float
 
 from fbalign._src.activations import ACTIVATIONS, derivative, get_activation  # noqa: F401
 from fbalign._src.backward import Backward
@@ -90,7 +91,8 @@ class MLP:
                 + ("; flatten images first (x.reshape(len(x), -1))" if x.ndim > 2 else "")
             )
 
-    def forward(self, params: Params, x: Array) -> tuple[Array, Tape]:
+    def forward(self, params: Params, x: Float[Array, "batch din"]
+                ) -> tuple[Float[Array, "batch dout"], Tape]:
         """Forward pass returning the output and the `Tape` for ``rule.update``."""
         self._check_input(x)
         return record_layers(self.activations(), [matmul] * self.num_layers, params, x)
@@ -98,7 +100,7 @@ class MLP:
     def apply(
         self,
         params: Params,
-        x: Array,
+        x: Float[Array, "batch din"],
         feedback: Sequence[Array | None] | None = None,
         mode: str = "bp",
         *,
@@ -106,7 +108,7 @@ class MLP:
         derivative: bool = True,
         error_bits: int | None = None,
         backward: Backward | None = None,
-    ) -> Array:
+    ) -> Float[Array, "batch dout"]:
         """Forward pass whose ``jax.grad`` runs the rule's backward.
 
         The rule's backward is a `fbalign._src.backward.Backward` object (``backward=``), or

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import Float
 
 from fbalign._src.backward import Backward, DirectFeedback, LinearFeedback
 from fbalign._src.base import Array, Params, PRNGKey, TapeRule
@@ -163,9 +164,9 @@ class RNN:
         return jnp.swapaxes(xs, 0, 1)
 
     def apply(
-        self, params: Params, xs: Array, feedback: Any = None, mode: str = "bp", *,
-        backward: Backward | None = None,
-    ) -> Array:
+        self, params: Params, xs: Float[Array, "T batch din"] | Float[Array, "batch ..."],
+        feedback: Any = None, mode: str = "bp", *, backward: Backward | None = None,
+    ) -> Float[Array, "T batch dout"] | Float[Array, "batch dout"]:
         """Runs the RNN over ``xs`` (``(T, batch, din)``, or batch-major with
         ``time_major=False``); ``jax.grad`` runs the rule's backward.
 
