@@ -207,3 +207,22 @@ def test_direct_feedback_rules_draw_onto_feature_maps_with_glorot_scale(name):
     mlp = fb.mlp((20, 400, 10))
     b = fb.rules.get_rule(name).init(KEY, mlp.init(KEY)).feedback[0]
     assert b.shape == (10, 400) and abs(float(jnp.std(b)) * np.sqrt(10) - 1) < 0.08
+
+
+def test_xavier_feedback_has_each_layers_glorot_limit():
+    """``--feedback-init xavier`` (BioTorch's default): every B is U[-a, a] with a = sqrt(6 /
+    (fan_in + fan_out)) of its own shape, conv kernels by their window, and DFA's map-shaped
+    B_l by (n_out, n_l)."""
+    lenet = fb.models.lenet5(activation="relu")
+    params = lenet.init(KEY)
+    fa = lenet.init_rule_state("fa", KEY, params, init="xavier").feedback
+    for b, shape in zip(fa[1:], lenet.param_shapes[1:], strict=True):
+        window = int(np.prod(shape[:-2]))
+        limit = np.sqrt(6.0 / (window * shape[-2] + window * shape[-1]))
+        assert float(jnp.max(jnp.abs(b))) <= limit
+        assert abs(float(jnp.std(b)) / (limit / np.sqrt(3)) - 1) < 0.1, shape
+    dfa = lenet.init_rule_state("dfa", KEY, params, init="xavier").feedback
+    for b, shape in zip(dfa[:-1], lenet.feature_shapes[:-1], strict=True):
+        limit = np.sqrt(6.0 / (10 + np.prod(shape)))
+        assert b.shape == (10, *shape) and float(jnp.max(jnp.abs(b))) <= limit
+        assert abs(float(jnp.std(b)) / (limit / np.sqrt(3)) - 1) < 0.1, shape

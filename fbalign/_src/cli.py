@@ -215,7 +215,7 @@ def _add_train_args(p: argparse.ArgumentParser, rule: bool = True) -> None:
     p.add_argument("--weight-decay", type=_number(float, 0), default=0.0,
                    help="decoupled weight decay on params (never on feedback)")
     p.add_argument("--feedback-init", default="gaussian",
-                   type=_names("feedback init", ["gaussian", "uniform", "orthogonal"]),
+                   type=_names("feedback init", ["gaussian", "uniform", "orthogonal", "xavier"]),
                    help="feedback matrix distribution for fa/dfa (default gaussian)")
     p.add_argument("--feedback-scale", type=_positive(float), default=None,
                    help="std/limit/gain of the feedback init (default: variance-preserving)")

@@ -49,6 +49,20 @@ def uniform(limit: float = 1.0) -> Initializer:
     return init
 
 
+def xavier(gain: float = 1.0) -> Initializer:
+    """Glorot/Xavier-uniform entries, ``U[-a, a]`` with ``a = gain * sqrt(6 / (fan_in +
+    fan_out))`` from each matrix's own shape (`kernel_fans`: ``(din, dout)``, conv kernels
+    ``(*window, cin, cout)``, DFA's ``(n_out, n_l)``): BioTorch's default feedback ("xavier"),
+    one scale per layer (Glorot & Bengio 2010)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        fan_in, fan_out = kernel_fans(tuple(shape))
+        limit = gain * math.sqrt(6.0 / (fan_in + fan_out))
+        return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+    return init
+
+
 def orthogonal(gain: float = 1.0) -> Initializer:
     """A (semi-)orthogonal matrix times ``gain``: every singular value equals ``gain``."""
     return jax.nn.initializers.orthogonal(scale=gain)
@@ -90,7 +104,8 @@ def hash_uniform(
     return (minval + (maxval - minval) * u).astype(dtype)
 
 
-FEEDBACK_INITS = {"gaussian": gaussian, "uniform": uniform, "orthogonal": orthogonal}
+FEEDBACK_INITS = {"gaussian": gaussian, "uniform": uniform, "orthogonal": orthogonal,
+                  "xavier": xavier}
 # The public names say what these are (``fbalign.gaussian_feedback``); ``fbalign.rules`` keeps
 # the short names too.
 gaussian_feedback, uniform_feedback, orthogonal_feedback = gaussian, uniform, orthogonal
@@ -118,6 +133,7 @@ def resolve_initializer(init: str | Initializer, scale: float | None, fan: int) 
             "gaussian": 1.0 / math.sqrt(fan),
             "uniform": math.sqrt(3.0 / fan),
             "orthogonal": 1.0,
+            "xavier": 1.0,  # the Glorot limit comes from each matrix's shape
         }[init]
     return FEEDBACK_INITS[init](scale)
 

@@ -158,12 +158,14 @@ def budget_rules(exp: dict, budget: str) -> list[str]:
 
 def run_options(recipe: dict, exp: dict, rule: str, budget: str) -> dict[str, Any]:
     """The ``train`` options of one rule of one experiment at ``budget``: the recipe's
-    defaults, then the experiment's, the rule's, and (quick) the quick overrides."""
+    defaults, then the experiment's, (quick) the quick overrides, and last the rule's own
+    (``rule_options``: what the paper set for that rule, e.g. its learning rate, holds at every
+    budget)."""
     opts = dict(recipe.get("defaults", {}))
     opts.update({k: v for k, v in exp.items() if k not in _EXPERIMENT})
-    opts.update(exp.get("rule_options", {}).get(rule, {}))
     if budget == "quick":
         opts.update(exp.get("quick", {}))
+    opts.update(exp.get("rule_options", {}).get(rule, {}))
     return opts
 
 

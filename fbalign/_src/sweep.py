@@ -744,7 +744,7 @@ def add_sweep_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-2,
                    help="learning rate where the grid has no lr axis (default 1e-2)")
     p.add_argument("--momentum", type=float, default=0.0, help="momentum (sgd, rmsprop)")
-    p.add_argument("--feedback-init", choices=("gaussian", "uniform", "orthogonal"),
+    p.add_argument("--feedback-init", choices=("gaussian", "uniform", "orthogonal", "xavier"),
                    default=None, help="feedback distribution, for rules that take init")
     p.add_argument("--feedback-scale", type=float, default=None,
                    help="a fixed feedback scale (or sweep it: --grid feedback_scale=...)")

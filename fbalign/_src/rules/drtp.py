@@ -50,7 +50,7 @@ def direct_random_target_projection(
     the ``1/n`` matches the batch-mean scaling of ``e``.
 
     Args:
-      init: ``"gaussian"``, ``"uniform"``, ``"orthogonal"`` or a callable ``(key, shape, dtype)``.
+      init: ``"gaussian"``, ``"uniform"``, ``"orthogonal"``, ``"xavier"`` or a callable.
       scale: the initialiser's std/limit/gain; None picks ``1/sqrt(n_out)``-style scaling.
 
     Returns:

@@ -104,7 +104,11 @@ def draw_feedback(key: PRNGKeyArray, shapes, init, scale, dtype, fan_axis: int,
             # window kh*kw... for a conv kernel (..., cin, cout)); DFA: over the n_out outputs.
             fan = direct_fan(shape, glorot) if fan_axis == 0 else kernel_fans(shape)[1]
             draw = resolve_initializer(init, scale, fan=fan)
-            out.append(draw(k, shape, dtype))
+            if init == "xavier" and fan_axis == 0 and len(shape) > 2:  # fans (n_out, n_l)
+                flat = (shape[0], math.prod(shape[1:]))
+                out.append(draw(k, flat, dtype).reshape(shape))
+            else:
+                out.append(draw(k, shape, dtype))
     return tuple(out)
 
 
@@ -144,7 +148,7 @@ def feedback_alignment(
     with ``B_l`` of ``W_l``'s shape (``din x dout``). ``B_l = W_l`` recovers backprop.
 
     Args:
-      init: ``"gaussian"``, ``"uniform"``, ``"orthogonal"`` or a callable ``(key, shape, dtype)``.
+      init: ``"gaussian"``, ``"uniform"``, ``"orthogonal"``, ``"xavier"`` or a callable.
       scale: the initialiser's std/limit/gain; None picks ``1/sqrt(dout)``-style scaling.
 
     Returns:
@@ -189,7 +193,7 @@ def direct_feedback_alignment(
     With one hidden layer, ``B_0 = W_1.T`` recovers backprop.
 
     Args:
-      init: ``"gaussian"``, ``"uniform"``, ``"orthogonal"`` or a callable ``(key, shape, dtype)``.
+      init: ``"gaussian"``, ``"uniform"``, ``"orthogonal"``, ``"xavier"`` or a callable.
       scale: the initialiser's std/limit/gain; None picks ``1/sqrt(n_out)``-style scaling.
 
     Returns:

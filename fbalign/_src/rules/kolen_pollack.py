@@ -69,7 +69,8 @@ def kolen_pollack(
       weight_decay: ``\lambda``, applied to B here and, when ``decay_params`` is set, added to
         the returned weight updates (do not add it again in the optimizer). Biases are not
         decayed.
-      init: initialiser of B (``"gaussian"``, ``"uniform"``, ``"orthogonal"`` or a callable).
+      init: initialiser of B (``"gaussian"``, ``"uniform"``, ``"orthogonal"``, ``"xavier"``
+        or a callable).
       scale: the initialiser's std/limit/gain (None: variance-preserving default).
       decay_params: add ``\lambda W_l`` to the returned weight updates.
 

@@ -226,7 +226,8 @@ def learned_feedback(
         (the forward pass's own activity), or ``"noise"``, i.i.d. ``N(0, \sigma^2)`` of the
         same shape (as in weight mirrors' mirror phase; needs ``key=`` in ``update``).
       noise_std: ``\sigma`` for ``source="noise"``.
-      init: initialiser of B (``"gaussian"``, ``"uniform"``, ``"orthogonal"`` or a callable).
+      init: initialiser of B (``"gaussian"``, ``"uniform"``, ``"orthogonal"``, ``"xavier"``
+        or a callable).
       scale: the initialiser's std/limit/gain (None: variance-preserving default).
       terms: a custom regulariser instead of a named rule, ``{primitive: coefficient}`` (then
         ``alpha``/``beta``/``gamma`` must be None).
