@@ -272,3 +272,22 @@ def test_resume_restores_tuple_options_from_json_lists(tmp_path):
     with pytest.raises(UsageError, match=r"drop --rule-arg layers=\(0, 1\) \(the run has "
                                          r"layers=\(0,\)"):
         cli._resume_args(ns)
+
+
+def test_kolen_pollack_warns_when_the_optimizer_breaks_its_guarantee(tmp_path, capsys):
+    """Issue 18 item 6: KP's B steps by plain SGD at its learning_rate and the rule adds its own
+    weight decay, so another optimizer, another rate or a second decay silently keep W and B
+    apart. The CLI says so once, naming what breaks it, and stays quiet when nothing does."""
+    base = ["train", "--rule", "kp", "--hidden", "8", "--epochs", "1", "--no-progress",
+            "--log-alignment-every", "0"]
+    cases = [(["--optimizer", "adam"], "--optimizer adam steps W while B steps by plain SGD"),
+             (["--optimizer", "sgd", "--lr", "0.1"], "W steps at --lr 0.1 and B at "
+                                                     "learning_rate=0.01"),
+             (["--optimizer", "sgd", "--lr", "0.01", "--weight-decay", "1e-4"],
+              "adds a second decay")]
+    for i, (extra, msg) in enumerate(cases):
+        assert main(base + extra + ["--out", str(tmp_path / str(i))]) == 0
+        assert msg in capsys.readouterr().err
+    assert main(base + ["--optimizer", "sgd", "--lr", "0.05", "--rule-arg",
+                        "learning_rate=0.05", "--out", str(tmp_path / "ok")]) == 0
+    assert "Kolen-Pollack's W and B converge" not in capsys.readouterr().err

@@ -252,7 +252,8 @@ def test_ldrl_aligns_the_feedback_jacobian_with_the_forward_transpose():
     _, st2, out = jax.jit(lambda s: _step(rule, model, params, s, x, y))(st)
     after = [_jacobian_angle(model, params, st2.inverses, x, ll) for ll in (2, 3)]
     assert min(before) > 60 and max(after) < 25, (before, after)
-    assert set(out.metrics) == {"recon_2", "recon_3", "targets_finite"}
+    assert set(out.metrics) == {"recon_2", "recon_3", "targets_finite", "target_finite_1",
+                                "target_finite_2", "target_finite_3"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -480,3 +481,20 @@ def test_last_hidden_target_by_gradient_is_exact():
     bp = jax.grad(lambda p: squared_error(model.apply(p, x), y))(params)
     np.testing.assert_allclose(_flat(upd[1:]), _flat(bp[1:]), rtol=1e-4, atol=1e-6)
     assert float(out.metrics["angle_2"]) < 0.1 and float(out.metrics["angle_1"]) > 10
+
+
+def test_diverging_targets_stop_the_run_naming_the_layers_and_step():
+    """Issue 14: targets that overflow stop the run at that step, and the message names the
+    layers whose targets were not finite (the highest first: targets flow down), not only the
+    first non-finite parameter."""
+    from fbalign.data import Dataset
+    from fbalign.train import NonFiniteError, fit
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5)).astype(np.float32)
+    y = (rng.normal(size=(64, 3)) * 1e10).astype(np.float32)  # eta * e overflows float32
+    data = Dataset("toy", x, y, x[:0], y[:0], x[:8], y[:8], 0)
+    with pytest.raises(NonFiniteError, match=r"at step 1 .*rule flags non-finite values in: "
+                                             r"targets_finite, target_finite_3, target_finite_2"):
+        fit(fb.mlp((5, 6, 6, 3)), fb.rules.dtp(target_lr=1e30), optax.sgd(0.01), data,
+            loss="squared_error", epochs=1, batch_size=16, progress=False)

@@ -644,6 +644,7 @@ def cmd_train(args) -> int:
     if args.rule == "admm" and not resuming:
         _admm_run_defaults(args, len(data.x_train))
     _check_rule_init(args, model)
+    _warn_kolen_pollack_optimizer(args)
     _check_memory(args, model, optimizer, data)
     out = (Path(args.out) if resuming else prepare_out(args)) if primary else None
     if not resuming and primary:  # a resumed run keeps the config it was started with
@@ -785,6 +786,33 @@ def _check_memory(args, model, optimizer, data) -> None:
                          f"{acts / gib:.2f} GiB of activations, + the data), more than the "
                          f"{avail[0] / gib:.1f} GiB of {avail[1]}; use smaller --hidden, "
                          "--batch-size or --seeds")
+
+
+def _warn_kolen_pollack_optimizer(args) -> None:
+    """Kolen-Pollack's W and B converge only when W steps by plain SGD at the rate B steps
+    (its ``learning_rate``) and its decay is not added twice: say so once, on stderr, when the
+    run's optimizer breaks that (issue 18: with adamw the W-B angles stayed at 83 and 65 degrees
+    after 300 steps)."""
+    if args.rule != "kp":
+        return
+    kw = _rule_kwargs(args)
+    rate = kw.get("learning_rate", 0.01)
+    problems = []
+    if args.optimizer != "sgd" or args.momentum:
+        problems.append(f"--optimizer {args.optimizer}"
+                        + (f" --momentum {args.momentum:g}" if args.momentum else "")
+                        + f" steps W while B steps by plain SGD at learning_rate={rate:g}")
+    elif args.lr != rate:
+        problems.append(f"W steps at --lr {args.lr:g} and B at learning_rate={rate:g}")
+    if args.weight_decay and kw.get("decay_params", True):
+        problems.append(f"--weight-decay {args.weight_decay:g} adds a second decay to W on top of "
+                        f"the rule's own weight_decay={kw.get('weight_decay', 1e-3):g}")
+    if problems:
+        print("fbalign: warning: Kolen-Pollack's W and B converge (W - B shrinks by (1 - lr * "
+              "weight_decay) a step) only under plain SGD at the rate B uses; here "
+              + "; ".join(problems) + f". For the guarantee use --optimizer sgd --lr {rate:g} "
+              "(or --rule-arg learning_rate=<your --lr>) and the rule's own weight_decay.",
+              file=sys.stderr)
 
 
 def _check_rule_init(args, model) -> None:

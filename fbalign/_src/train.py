@@ -50,6 +50,20 @@ from fbalign._src.wrap import is_seeded
 NONFINITE_MODES = ("stop", "skip")
 
 
+def rule_flags(metrics: dict[str, Any]) -> str:
+    """The rule's own finiteness flags that dropped below 1 in a chunk (e.g. target
+    propagation's ``target_finite_3``: layer 3's target was not finite), for the message of a
+    stopped run: they say where a rule's inner computation diverged, which the first
+    non-finite leaf of the updates does not (targets flow down, so every layer below fails
+    too)."""
+    flags = sorted((k for k, v in metrics.items()
+                   if "finite" in k and not k.startswith("nonfinite_")
+                   and np.size(v) == 1 and not float(np.asarray(v)) >= 1.0), reverse=True)
+    if not flags:
+        return ""
+    return f" The rule flags non-finite values in: {', '.join(flags)}."
+
+
 class NonFiniteError(FloatingPointError):
     """Training produced NaN or Inf; ``step`` and ``leaf`` say where it was first seen."""
 
@@ -782,8 +796,9 @@ class _NonFiniteGuard:
                 "is intact." if saved else "")
         raise NonFiniteError(
             f"non-finite values (NaN or Inf) at step {at} (epoch {epoch + 1}), first in {where}; "
-            f"training stopped.{kept} Lower the learning rate, or drop such updates with "
-            "on_nonfinite='skip' (fbalign train --on-nonfinite skip).", step=at, leaf=bad[0])
+            f"training stopped.{rule_flags(m)}{kept} Lower the learning rate, or drop such "
+            "updates with on_nonfinite='skip' (fbalign train --on-nonfinite skip).", step=at,
+            leaf=bad[0])
 
 
     def _count_streak(self, per_step: np.ndarray, before: int, where: str) -> None:

@@ -46,8 +46,10 @@ trains the map ``g_l``, evaluated at the last inner iteration, before its update
 ``feedback_steps=0`` evaluated once at the state's maps); ``angle_l`` for every hidden layer
 ``l``: the angle in degrees between the target displacement ``t_l - h_l`` and backprop's
 ``-\partial\mathcal L/\partial h_l`` (flattened over the batch; backprop's gradient is computed
-for this diagnostic only); ``targets_finite``: 1.0 when every target is finite, else 0.0 (the
-harness's ``on_nonfinite`` policy stops on the non-finite loss that diverging targets cause).
+for this diagnostic only); ``targets_finite``: 1.0 when every target is finite, else 0.0, and
+``target_finite_l`` the same for layer ``l``'s target (the harness's ``on_nonfinite`` policy
+stops on the non-finite updates that diverging targets cause, and its message names these
+flags: the highest layer is where the divergence began, as targets flow down).
 ``diagnostics=False`` drops ``angle_l`` (and the extra ``recon_l`` evaluation at
 ``feedback_steps=0``) to save the backward pass.
 """
@@ -427,8 +429,10 @@ def _target_rule(name: str, *, targets: str, feedback_loss: str, target_lr: floa
             updates.append(u)
 
         metrics: dict[str, Array] = {}
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(t)) for t in ts]))
-        metrics["targets_finite"] = finite.astype(x.dtype)
+        finite_l = [jnp.all(jnp.isfinite(t)) for t in ts]
+        metrics["targets_finite"] = jnp.all(jnp.stack(finite_l)).astype(x.dtype)
+        for ll, ok in enumerate(finite_l, start=1):  # targets flow down: the highest 0 is first
+            metrics[f"target_finite_{ll}"] = ok.astype(x.dtype)
         for j in range(n_layers - 1):
             if recon[j] is not None:
                 metrics[f"recon_{map_number(j)}"] = recon[j]
