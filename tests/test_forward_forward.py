@@ -57,11 +57,12 @@ def np_layer_loss(h_pos, h_neg, theta=THETA):
     return np.mean(np_softplus(-(g_pos - theta)) + np_softplus(g_neg - theta))
 
 
-def np_scores(params, x, k, skip_first=True):
+def np_scores(params, x, k, skip_first=True, mean=False):
     out = np.zeros((len(x), k))
     for c in range(k):
         hs = np_activities(params[:-1], np_embed(x, np.full(len(x), c), k))
-        out[:, c] = sum((h ** 2).sum(1) for h in hs[1 if skip_first else 0:])
+        g = [(h ** 2).mean(1) if mean else (h ** 2).sum(1) for h in hs]
+        out[:, c] = sum(g[1 if skip_first else 0:])
     return out
 
 
@@ -197,12 +198,13 @@ def test_prediction_by_goodness_matches_numpy(skip_first):
 def test_fit_improves_goodness_accuracy():
     data = load_teacher(seed=1, n_train=256, n_test=256, input_dim=12, hidden=16, output_dim=3)
     model = fb.mlp((12, 32, 32, 3), activation="relu")
-    res = fit(model, forward_forward(), optax.adam(1e-2), data, epochs=4, batch_size=32,
-              progress=False, log_every=8)
+    res = fit(model, forward_forward(skip_first_layer=True), optax.adam(1e-2), data, epochs=4,
+              batch_size=32, progress=False, log_every=8)
     first, last = res.history[0], res.history[-1]
     assert last["train_loss"] < 0.5 * first["train_loss"]
     assert last["train_accuracy"] > first["train_accuracy"] + 0.1
-    pred = forward_forward_predict(model, res.state.params, jnp.asarray(data.x_test), 3)
+    pred = forward_forward_predict(model, res.state.params, jnp.asarray(data.x_test), 3,
+                                   skip_first_layer=True)
     accuracy = np.mean(np.asarray(pred) == data.y_test)
     assert accuracy > 0.55  # chance: 1/3
     # fit's test error is the goodness prediction's (the rule's predict), not network.apply's.
@@ -214,7 +216,7 @@ def test_fit_improves_goodness_accuracy():
     ({"threshold": "2"}, "threshold must be a finite number"),
     ({"num_classes": 1}, "num_classes must be an integer >= 2 or None"),
     ({"negative": "hybrid"}, "unknown negative 'hybrid'; valid: random_label"),
-    ({"skip_first_layer": 1}, "skip_first_layer must be True or False"),
+    ({"skip_first_layer": 1}, "skip_first_layer must be True, False or None"),
 ])
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -229,7 +231,9 @@ def test_networks_it_cannot_train_are_refused():
     with pytest.raises(TypeError, match="needs ReLU hidden layers.*activation='tanh'"):
         rule.init(key, None, fb.mlp((7, 5, 5, 3)))
     with pytest.raises(ValueError, match="skip_first_layer=True.*only one"):
-        rule.init(key, None, fb.mlp((7, 5, 3), activation="relu"))
+        forward_forward(skip_first_layer=True).init(key, None, fb.mlp((7, 5, 3),
+                                                                      activation="relu"))
+    rule.init(key, None, fb.mlp((7, 5, 3), activation="relu"))  # auto: all layers score
     forward_forward(skip_first_layer=False).init(key, None, fb.mlp((7, 5, 3), activation="relu"))
     with pytest.raises(ValueError, match="num_classes=9.*\\[2, 7\\]"):
         forward_forward(num_classes=9).init(key, None, fb.mlp((7, 5, 5, 3), activation="relu"))
@@ -237,3 +241,16 @@ def test_networks_it_cannot_train_are_refused():
     with pytest.raises(ValueError, match="needs integer class labels"):
         rule.step(params, rule.init(key, params, model), Batch(x, jnp.zeros((12, 3))), key,
                   StepContext(model, cross_entropy))
+
+
+def test_mean_goodness_is_the_sum_over_the_width():
+    """``goodness_measure="mean"`` (the PyTorch reference's) scores every label by the sum over
+    layers of mean squared activities: the sum's scores divided by the layer widths."""
+    model, params, x, _ = _problem(seed=3, batch=16)
+    k = SIZES[-1]
+    for skip in (True, False):
+        got = forward_forward_goodness(model, params, x, k, skip, measure="mean")
+        want = np_scores(params, np.asarray(x), k, skip, mean=True)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown goodness_measure 'max'; valid: sum, mean"):
+        forward_forward(goodness_measure="max")

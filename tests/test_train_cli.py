@@ -314,7 +314,8 @@ def test_admm_run_gets_its_defaults_said_and_saved_and_a_probe_with_indices(tmp_
 @pytest.mark.parametrize("argv,msg", [
     # an option the rule cannot work with, given explicitly, is refused by the rule by name
     (["--rule", "admm", "--activation", "tanh"], "ReLU only; the network has activation='tanh'"),
-    (["--rule", "ff", "--hidden", "16"], "scores labels by all but the first hidden layer"),
+    (["--rule", "ff", "--hidden", "16", "--rule-arg", "skip_first_layer=true"],
+     "scores labels by all but the first hidden layer"),
     (["--rule", "ff", "--activation", "tanh", "--hidden", "8,8"], "ReLU"),
 ])
 def test_rules_refuse_networks_they_cannot_train_before_the_run(argv, msg, capsys, tmp_path):
