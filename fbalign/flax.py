@@ -5,7 +5,8 @@
 NNX: `Linear`, `Conv` (``rule`` in ``"bp"``, ``"fa"``, ``"kp"``, ``"sign"``/``"usf"``,
 ``"frsf"``, ``"brsf"``: magnitudes redrawn every call from the ``"feedback"`` rng stream), the
 `Feedback` variable type, `DFATap` (with `dfa_carrier`, `dfa_hidden`, `dfa_output`),
-`feedback_grads`/`update_feedback` for Kolen-Pollack, and `convert` to switch an existing model's
+`train_step` (one call that also updates learning feedback: Kolen-Pollack, asrbp, bdfa;
+or `feedback_grads`/`update_feedback` by hand), and `convert` to switch an existing model's
 linear layers (``nnx.Linear``, ``nnx.Conv``, ``nnx.LinearGeneral``, ``nnx.Einsum`` and their
 subclasses) to a rule in one call, the direct-feedback rules of `DFA_RULES` included (a
 `DirectFeedbackModel`); `summary` lists what a conversion changed and left alone.
@@ -14,6 +15,7 @@ Linen: `LinenDense`, `LinenConv`, `LinenDFATap`, with feedback in the ``"feedbac
 
 from fbalign._src.flax_adapters import (
     DFA_RULES,
+    LEARNING_FEEDBACK,
     RULES,
     Conv,
     ConversionSummary,
@@ -30,14 +32,17 @@ from fbalign._src.flax_adapters import (
     dfa_hidden,
     dfa_output,
     feedback_grads,
+    learning_feedback_layers,
     shared_feedback,
     sign_feedback,
     summary,
+    train_step,
     update_feedback,
 )
 
 __all__ = [
     "DFA_RULES",
+    "LEARNING_FEEDBACK",
     "RULES",
     "ConversionSummary",
     "Conv",
@@ -54,8 +59,10 @@ __all__ = [
     "dfa_hidden",
     "dfa_output",
     "feedback_grads",
+    "learning_feedback_layers",
     "shared_feedback",
     "sign_feedback",
     "summary",
+    "train_step",
     "update_feedback",
 ]

@@ -583,3 +583,53 @@ def test_layers_run_their_rules_backward_object(rule, scale):
         if rule != "bp":  # not the plain op
             bp = jax.grad(lambda x, w=w, op=op, rr=rr: jnp.sum(op(x, w) * rr))(xx)
             assert not np.allclose(want[2], bp, atol=1e-5)
+
+
+def test_train_step_moves_kolen_pollack_feedback_which_an_optimizer_alone_never_does():
+    """Issue 18 item 2: nnx.Optimizer(wrt=nnx.Param) never moves a Feedback, so a kp model
+    trained the usual way is silently FA. ff.train_step updates W by the optimizer and B by the
+    same backward pass: with plain SGD and the same decay, W - B shrinks by exactly (1 - lr *
+    wd) a step (Akrout et al. 2019), as the two-call path feedback_grads + update_feedback
+    does. It refuses a kp model without feedback_lr, naming the layers; convert warns."""
+    x, y = _rand(9, (8, 4), (8, 3))
+
+    def loss(m):
+        return jnp.mean((m(x) - y) ** 2)
+
+    lr, wd, steps = 0.1, 0.3, 5
+    tx = optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr))
+    model = MLP2("kp", _rngs(8))
+    d0 = model.l2.kernel[...] - model.l2.feedback[...]
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    for _ in range(steps):
+        ff.train_step(model, opt, loss, feedback_lr=lr, feedback_weight_decay=wd)
+    d = model.l2.kernel[...] - model.l2.feedback[...]
+    np.testing.assert_allclose(d, (1 - lr * wd) ** steps * d0, rtol=1e-4, atol=1e-6)
+    plain = MLP2("kp", _rngs(8))  # the usual loop: B stays where it was
+    b0 = np.array(plain.l2.feedback[...])
+    opt = nnx.Optimizer(plain, tx, wrt=nnx.Param)
+    for _ in range(steps):
+        opt.update(plain, nnx.grad(loss)(plain))
+    np.testing.assert_array_equal(plain.l2.feedback[...], b0)
+    with pytest.raises(ValueError, match="layers l1, l2 learn their feedback.*feedback_lr"):
+        ff.train_step(MLP2("kp", _rngs(8)), opt, loss)
+    fa = MLP2("fa", _rngs(8))  # fixed feedback: an ordinary step, no feedback_lr needed
+    ff.train_step(fa, nnx.Optimizer(fa, tx, wrt=nnx.Param), loss)
+    with pytest.warns(UserWarning, match="feedback learns.*fbalign.flax.train_step"):
+        ff.convert(MLP2("bp", _rngs(8)), "kp", _rngs(9))
+
+
+def test_train_step_moves_learning_direct_feedback():
+    """The direct-feedback rules whose B learns (asrbp) get their update from train_step too."""
+    x = _rand(3, (8, 4))[0]
+    y = jnp.array([0, 1, 2, 0, 1, 2, 0, 1])
+    with pytest.warns(UserWarning, match="feedback learns"):
+        model = ff.convert(MLP2("bp", _rngs(4)), "asrbp", _rngs(5), num_outputs=3,
+                           sample_input=x)
+    assert ff.learning_feedback_layers(model) == ["<model>"]
+    before = jax.tree.map(np.array, nnx.state(model, ff.Feedback))
+    opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    ff.train_step(model, opt, lambda m: fb.cross_entropy(m(x), y), feedback_lr=0.1)
+    after = jax.tree.leaves(nnx.state(model, ff.Feedback))
+    assert any(not np.allclose(a, b) for a, b in zip(after, jax.tree.leaves(before),
+                                                      strict=True))

@@ -548,6 +548,55 @@ def update_feedback(
     nnx.update(model, new)
 
 
+# Rules whose feedback learns from its own cotangent: Kolen-Pollack (B gets W's update), and the
+# direct-feedback rules adaptive skipped RBP and bidirectional DFA (their taps' cotangents).
+LEARNING_FEEDBACK = ("kp", "asrbp", "bdfa")
+
+
+def learning_feedback_layers(model: nnx.Module) -> list[str]:
+    """The paths of ``model``'s layers (or the model itself, for a `DirectFeedbackModel`) whose
+    `Feedback` learns (`LEARNING_FEEDBACK`): what `train_step` must update."""
+    return [_path(path) or "<model>" for path, m in nnx.iter_modules(model)
+            if getattr(m, "rule", None) in LEARNING_FEEDBACK]
+
+
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Callable[..., Array],
+               *args: Any, feedback_lr: float | None = None,
+               feedback_weight_decay: float = 0.0, **kwargs: Any) -> Array:
+    """One training step of an NNX model with feedback layers, in place; returns the loss.
+
+    ``optimizer`` (an ``nnx.Optimizer(model, tx, wrt=nnx.Param)``) steps the parameters with
+    ``d loss_fn(model, *args) / d Param``; every `Feedback` whose rule learns it
+    (`LEARNING_FEEDBACK`: Kolen-Pollack's ``B`` takes ``W``'s update, Akrout et al. 2019;
+    adaptive skipped RBP's and bidirectional DFA's ``B`` their taps' cotangents) steps by
+    `update_feedback`, ``B <- (1 - feedback_lr * feedback_weight_decay) B - feedback_lr *
+    g_B``, from the same backward pass. An ``nnx.Optimizer`` alone never moves a `Feedback`
+    (it is not an ``nnx.Param``), so such a model would silently train as fixed-feedback FA;
+    this step is the one call that keeps the rule's promise. For Kolen-Pollack's guarantee
+    (``W - B`` shrinking by ``1 - lr * wd`` a step) ``tx`` must be plain SGD at
+    ``feedback_lr`` with the same decay.
+
+    Raises:
+      ValueError: the model has learning feedback and ``feedback_lr`` is None (named layers).
+    """
+    learners = learning_feedback_layers(model)
+    if learners and feedback_lr is None:
+        raise ValueError(
+            f"layers {', '.join(learners)} learn their feedback (rules "
+            f"{', '.join(LEARNING_FEEDBACK)}); pass feedback_lr= (Kolen-Pollack: the "
+            "optimizer's SGD rate) so that train_step updates it")
+    if not learners:
+        loss, grads = nnx.value_and_grad(loss_fn)(model, *args, **kwargs)
+        optimizer.update(model, grads)
+        return loss
+    which = nnx.DiffState(0, nnx.Any(nnx.Param, Feedback))
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=which)(model, *args, **kwargs)
+    param_grads, feedback_g = nnx.split_state(grads, nnx.Param, Feedback)
+    optimizer.update(model, param_grads)
+    update_feedback(model, feedback_g, feedback_lr, feedback_weight_decay)
+    return loss
+
+
 # ---------------------------------------------------------------------------------------------
 # Converting an existing NNX model.
 
@@ -1139,6 +1188,7 @@ def convert(
         out, left = _convert_dfa(model, rule, rngs, num_outputs, sample_input, feedback_init)
         if warn:
             _warn_left_alone(left, rule)
+            _warn_learning_feedback(rule)
         return out
     feedback_init = feedback_init or default_feedback_init
     args = (rule, rngs, feedback_init, sign_scale, magnitude_distribution, rng_collection)
@@ -1156,7 +1206,18 @@ def convert(
             _swap_op(layer, *args)
     if warn:
         _warn_left_alone(left, rule)
+        _warn_learning_feedback(rule)
     return model
+
+
+def _warn_learning_feedback(rule: str) -> None:
+    if rule in LEARNING_FEEDBACK:
+        warnings.warn(
+            f"convert(..., {rule!r}): this rule's feedback learns, but an nnx.Optimizer(..., "
+            "wrt=nnx.Param) alone never updates a Feedback variable, so the model would train "
+            "with fixed feedback; train it with fbalign.flax.train_step(model, optimizer, "
+            "loss_fn, ..., feedback_lr=...) (or feedback_grads + update_feedback)",
+            UserWarning, stacklevel=3)
 
 
 @dataclasses.dataclass(frozen=True)
