@@ -24,9 +24,9 @@ import jax.numpy as jnp
 from jaxtyping import Float
 
 from fbalign._src.backward import Backward
-from fbalign._src.base import Array, EmptyState, LayerOp, Params, PRNGKey, Tape, TapeRule
+from fbalign._src.base import Array, LayerOp, Params, PRNGKey, Tape, TapeRule
 from fbalign._src.feedback_init import Initializer, resolve_initializer
-from fbalign._src.layered_init import layered_rule_state
+from fbalign._src.layered_init import build_rule, layered_rule_state
 from fbalign._src.layers import (
     conv_op,
     glorot_dfa_std,
@@ -35,7 +35,6 @@ from fbalign._src.layers import (
 )
 from fbalign._src.models import get_activation, matmul, record_layers, run_layers
 from fbalign._src.modes import MODES, backward_for_mode
-from fbalign._src.registry import get_rule
 
 LENET_MODES = MODES  # the legacy mode strings `apply` reads (`backward_for_mode`)
 
@@ -199,15 +198,7 @@ class LeNet5:
             raise ValueError(f"params have kernel shapes {shapes}, expected {self.param_shapes}")
         if shared:
             return self._shared_dfa_state(rule, key, params, init, scale)
-        if rule == "shallow":  # a legacy mode (only the last layer learns), not a rule
-            return EmptyState()
-        if isinstance(rule, str):
-            kwargs = dict(rule_kwargs)
-            if init != "gaussian":
-                kwargs["init"] = init
-            if scale is not None:
-                kwargs["scale"] = scale
-            rule = get_rule(rule, **kwargs)
+        rule = build_rule(rule, init, scale, rule_kwargs)
         return layered_rule_state(rule, key, params, self.num_classes, self.feature_shapes)
 
     def _shared_dfa_state(self, rule: Any, key: PRNGKey, params: Params, init: Any,

@@ -12,6 +12,22 @@ import jax
 import jax.numpy as jnp
 
 from fbalign._src.base import Params, PRNGKey, TapeRule
+from fbalign._src.registry import get_rule
+
+
+def build_rule(rule: Any, init: Any = "gaussian", scale: float | None = None,
+               rule_kwargs: dict | None = None) -> Any:
+    """A registered rule's name built with ``init``/``scale`` (given only when not the
+    defaults) and ``rule_kwargs``, what a network's ``init_rule_state`` receives (an unknown
+    name is refused by `get_rule`, with the valid ones); a rule object is returned as it is."""
+    if not isinstance(rule, str):
+        return rule
+    kwargs = dict(rule_kwargs or {})
+    if init != "gaussian":
+        kwargs["init"] = init
+    if scale is not None:
+        kwargs["scale"] = scale
+    return get_rule(rule, **kwargs)
 
 
 def layered_rule_state(rule: TapeRule, key: PRNGKey, params: Params, n_out: int,

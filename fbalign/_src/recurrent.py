@@ -26,9 +26,9 @@ from jaxtyping import Float
 from fbalign._src.backward import Backward, DirectFeedback, LinearFeedback
 from fbalign._src.base import Array, Params, PRNGKey, TapeRule
 from fbalign._src.feedback_init import Initializer
-from fbalign._src.layered_init import dfa_like
+from fbalign._src.layered_init import build_rule, dfa_like
 from fbalign._src.models import get_activation, matmul
-from fbalign._src.registry import RULES, get_rule
+from fbalign._src.registry import RULES
 
 RNN_MODES = ("bp", "fa", "kp", "dfa")
 # the registered rules `fit` trains the RNN with (`RNN.init_rule_state` says why not the others)
@@ -133,13 +133,7 @@ class RNN:
         do run.
         """
         name = rule if isinstance(rule, str) else getattr(rule, "__name__", "this rule")
-        if isinstance(rule, str):
-            kwargs = dict(rule_kwargs)
-            if init != "gaussian":
-                kwargs["init"] = init
-            if scale is not None:
-                kwargs["scale"] = scale
-            rule = get_rule(rule, **kwargs) if rule in RULES else rule
+        rule = build_rule(rule, init, scale, rule_kwargs)
         check_rnn_rule(name, rule)
         w_in, w_rec, w_out = params["w_in"], params["w_rec"], params["w_out"]
         chain = [{"w": w_in, "b": params["b"]}, {"w": w_rec}, {"w": w_out, "b": params["b_out"]}]

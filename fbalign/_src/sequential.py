@@ -33,10 +33,9 @@ from fbalign._src.activations import get_activation
 from fbalign._src.backward import Backward
 from fbalign._src.base import Array, LayerOp, Params, PRNGKey, Tape, TapeRule
 from fbalign._src.convnet import max_pool_2x2
-from fbalign._src.layered_init import layered_rule_state
+from fbalign._src.layered_init import build_rule, layered_rule_state
 from fbalign._src.layers import conv_op
 from fbalign._src.models import matmul, record_layers
-from fbalign._src.registry import get_rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,13 +232,7 @@ class Sequential:
                         **rule_kwargs: Any) -> Any:
         """The state of a tape rule (a registered name, built with ``init``/``scale``/
         ``rule_kwargs``, or a `TapeRule`) for this network: `layered_rule_state`."""
-        if isinstance(rule, str):
-            kwargs = dict(rule_kwargs)
-            if init != "gaussian":
-                kwargs["init"] = init
-            if scale is not None:
-                kwargs["scale"] = scale
-            rule = get_rule(rule, **kwargs)
+        rule = build_rule(rule, init, scale, rule_kwargs)
         shapes = [tuple(p["w"].shape) for p in params]
         if shapes != self.param_shapes:
             raise ValueError(f"params have kernel shapes {shapes}, expected {self.param_shapes}")
