@@ -219,6 +219,11 @@ def _add_train_args(p: argparse.ArgumentParser, rule: bool = True) -> None:
                    help="feedback matrix distribution for fa/dfa (default gaussian)")
     p.add_argument("--feedback-scale", type=_positive(float), default=None,
                    help="std/limit/gain of the feedback init (default: variance-preserving)")
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: compute each step in bfloat16 with float32 master weights, "
+                        "optimizer and rule state (no loss scaling needed); default float32. On "
+                        "GPUs float32 matmuls run as TF32 unless JAX_DEFAULT_MATMUL_PRECISION="
+                        "highest")
     p.add_argument("--form", choices=("explicit", "grad"), default="explicit",
                    help="explicit: rule.update on the recorded tape; grad: jax.grad through "
                         "the custom_vjp primitives (same updates)")
@@ -887,6 +892,7 @@ def _fit_options(args, loss: str, out: Path | None, probe, devices: int | None, 
         "checkpoint_every": getattr(args, "checkpoint_every", None), "resume": resuming,
         "on_nonfinite": getattr(args, "on_nonfinite", "stop"),
         "max_skips": getattr(args, "max_skips", 100),
+        "precision": getattr(args, "precision", None) or "float32",
     }
     if not primary:  # only process 0 writes checkpoints (the others join in gathering the
         # state); on --resume every process reads them, so the run directory must be shared

@@ -43,6 +43,7 @@ from fbalign._src.checkpoint import (
 from fbalign._src.data import Dataset
 from fbalign._src.lift import as_learning_rule, is_tape_rule, resolve_form
 from fbalign._src.losses import Loss, check_targets, get_loss
+from fbalign._src.precision import precision_rule
 from fbalign._src.runner import ensemble_step, reduce_chunk
 from fbalign._src.sharding import data_parallel
 from fbalign._src.wrap import is_seeded
@@ -371,6 +372,7 @@ def fit(
     devices: int | None = None,
     ensemble_impl: str = "auto",
     max_skips: int = 100,
+    precision: str = "float32",
 ) -> FitResult:
     """Trains ``model`` with ``rule`` for ``epochs`` epochs, evaluating after each.
 
@@ -411,6 +413,9 @@ def fit(
         averaged, and the result equals the single-device run up to float reassociation. With
         ``seeds``, the ensemble is also sharded: ``gcd(seeds, devices)`` device groups each
         train their share of the seeds. None: one device, no sharding.
+      precision: ``"float32"`` (default) or ``"bfloat16"``: each step computes in bfloat16
+        while the params, optimizer state and rule state stay float32 masters
+        (`fbalign._src.precision.mixed_precision`; no loss scaling is needed for bfloat16).
     """
     n = len(data.x_train)
     ckpt_dir = _check_fit_args(
@@ -420,13 +425,15 @@ def fit(
         max_skips=max_skips)
     impl = resolve_ensemble_impl(ensemble_impl, model)
     rule, form = _fit_rule(model, rule, form, rule_kwargs, seeds)
+    rule = precision_rule(rule, precision)
     program = _build_program(
         model, rule, optimizer, _resolve_loss(loss), n=n, batch_size=batch_size,
         log_every=log_every, probe_every=probe_every, checkpoint_every=checkpoint_every,
         on_nonfinite=on_nonfinite, devices=devices, seeds=seeds, impl=impl)
     seeding = _Seeding(model, rule, optimizer, seed, seeds, n)
     fingerprint = {"seed": seed, "seeds": seeds, "batch_size": batch_size, "n_train": n,
-                   "steps_per_epoch": program.steps_per_epoch, "form": form}
+                   "steps_per_epoch": program.steps_per_epoch, "form": form,
+                   **({"precision": precision} if precision != "float32" else {})}
     if resume:
         start = _resume(ckpt_dir, seeding, fingerprint)
     else:
