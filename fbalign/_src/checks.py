@@ -30,6 +30,13 @@ def check_number(rule: str, option: str, value: Any, *, low: float | None = None
         raise ValueError(f"{rule}: {option} must be {want} (and finite), got {value!r}")
 
 
+def check_choice(rule: str, option: str, value: Any, valid: Any) -> None:
+    """Raises ``ValueError("<rule>: unknown <option> <value>; valid: ...")`` unless ``value`` is
+    one of ``valid`` (a sequence or mapping of names)."""
+    if value not in valid:
+        raise ValueError(f"{rule}: unknown {option} {value!r}; valid: {', '.join(valid)}")
+
+
 def _is_real(value: Any) -> bool:
     if getattr(value, "ndim", 0) > 0:
         return False

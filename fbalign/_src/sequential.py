@@ -64,7 +64,8 @@ class Conv:
 @dataclasses.dataclass(frozen=True)
 class MaxPool:
     """Max pooling over ``window x window`` blocks with stride ``window`` (the map's height and
-    width must be multiples of it). The error goes to each window's first maximum."""
+    width must be multiples of it). With ``window=2`` the error goes to each window's first
+    maximum (LeNet-5's pooling); other windows take ``jnp.max``'s gradient, which ties share."""
 
     window: int = 2
 

@@ -23,6 +23,7 @@ from fbalign._src.base import (
     StepOutput,
     Updates,
 )
+from fbalign._src.checks import check_choice
 from fbalign._src.losses import cross_entropy
 from fbalign._src.models import require_mlp
 
@@ -192,9 +193,7 @@ def _check_options(beta: float, gamma: float, num_examples: int, output_loss: st
         raise ValueError(f"admm: num_examples must be a positive integer (the training set's "
                          f"size: the per-example variables have that many rows), got "
                          f"{num_examples!r}")
-    if output_loss not in OUTPUT_LOSSES:
-        raise ValueError(f"admm: unknown output_loss {output_loss!r}; valid: "
-                         f"{', '.join(OUTPUT_LOSSES)}")
+    check_choice("admm", "output_loss", output_loss, OUTPUT_LOSSES)
     if isinstance(warm_start, bool) or not isinstance(warm_start, int) or warm_start < 0:
         raise ValueError(f"admm: warm_start must be an integer >= 0 (steps without multiplier "
                          f"updates), got {warm_start!r}")

@@ -26,6 +26,7 @@ from fbalign._src.base import (
     StepOutput,
     Updates,
 )
+from fbalign._src.checks import check_choice
 from fbalign._src.hopfield import HopfieldNetwork
 from fbalign._src.relax import RelaxResult
 
@@ -76,12 +77,8 @@ def _validate(beta: float, nudged_steps: int, nudging: str, cost: str) -> None:
     if isinstance(nudged_steps, bool) or not isinstance(nudged_steps, int) or nudged_steps < 1:
         raise ValueError(f"equilibrium_propagation: nudged_steps must be a positive int, got "
                          f"{nudged_steps!r}")
-    if nudging not in NUDGINGS:
-        raise ValueError(f"equilibrium_propagation: unknown nudging {nudging!r}; valid: "
-                         f"{', '.join(NUDGINGS)}")
-    if cost not in COSTS:
-        raise ValueError(f"equilibrium_propagation: unknown cost {cost!r}; valid: "
-                         f"{', '.join(COSTS)}")
+    check_choice("equilibrium_propagation", "nudging", nudging, NUDGINGS)
+    check_choice("equilibrium_propagation", "cost", cost, COSTS)
 
 
 def equilibrium_propagation(

@@ -24,6 +24,7 @@ from fbalign._src.base import (
     StepOutput,
     Updates,
 )
+from fbalign._src.checks import check_choice
 from fbalign._src.models import require_mlp
 
 NEGATIVES = ("random_label",)
@@ -210,12 +211,8 @@ def forward_forward(threshold: float = 2.0, num_classes: int | None = None,
                                     or not isinstance(num_classes, int) or num_classes < 2):
         raise ValueError(f"forward_forward: num_classes must be an integer >= 2 or None, got "
                          f"{num_classes!r}")
-    if negative not in NEGATIVES:
-        raise ValueError(f"forward_forward: unknown negative {negative!r}; valid: "
-                         f"{', '.join(NEGATIVES)}")
-    if goodness_measure not in GOODNESS:
-        raise ValueError(f"forward_forward: unknown goodness_measure {goodness_measure!r}; "
-                         f"valid: {', '.join(GOODNESS)}")
+    check_choice("forward_forward", "negative", negative, NEGATIVES)
+    check_choice("forward_forward", "goodness_measure", goodness_measure, GOODNESS)
     if skip_first_layer is not None and not isinstance(skip_first_layer, bool):
         raise ValueError(f"forward_forward: skip_first_layer must be True, False or None "
                          f"(auto), got {skip_first_layer!r}")

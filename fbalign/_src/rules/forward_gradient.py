@@ -20,6 +20,7 @@ from fbalign._src.base import (
     StepOutput,
     Updates,
 )
+from fbalign._src.checks import check_choice
 
 TANGENTS = ("normal", "rademacher")
 
@@ -71,9 +72,7 @@ def forward_gradient(num_tangents: int = 1,
     if isinstance(num_tangents, bool) or not isinstance(num_tangents, int) or num_tangents < 1:
         raise ValueError(f"forward_gradient: num_tangents must be a positive integer, got "
                          f"{num_tangents!r}")
-    if distribution not in TANGENTS:
-        raise ValueError(f"forward_gradient: unknown distribution {distribution!r}; valid: "
-                         f"{', '.join(TANGENTS)}")
+    check_choice("forward_gradient", "distribution", distribution, TANGENTS)
 
     def init_fn(key: PRNGKey, params: Params, network: Any = None) -> EmptyState:
         del key, params, network

@@ -24,6 +24,7 @@ from fbalign._src.base import (
     StepOutput,
     Updates,
 )
+from fbalign._src.checks import check_choice
 from fbalign._src.models import require_mlp
 
 LABEL_KERNELS = ("gaussian", "linear")
@@ -116,9 +117,7 @@ def _check_options(beta: float, sigma: float, normalized: bool, label_kernel: st
     if not isinstance(normalized, bool):
         raise ValueError(f"hsic_bottleneck: normalized must be True or False, got "
                          f"{normalized!r}")
-    if label_kernel not in LABEL_KERNELS:
-        raise ValueError(f"hsic_bottleneck: unknown label_kernel {label_kernel!r}; valid: "
-                         f"{', '.join(LABEL_KERNELS)}")
+    check_choice("hsic_bottleneck", "label_kernel", label_kernel, LABEL_KERNELS)
     if not _is_positive(epsilon):
         raise ValueError(f"hsic_bottleneck: epsilon must be a positive number, got {epsilon!r}")
 

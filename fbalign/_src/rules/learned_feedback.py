@@ -25,6 +25,7 @@ from fbalign._src.base import (
     descend_feedback,
     descending_advance,
 )
+from fbalign._src.checks import check_choice
 from fbalign._src.feedback_init import Initializer
 from fbalign._src.rules.feedback_alignment import FA_ORIENTATION, draw_feedback, fa_feedback_shapes
 
@@ -252,9 +253,7 @@ def learned_feedback(
         coeffs = _check_terms(dict(terms))
         name = "learned_feedback"
     else:
-        if rule not in NAMED_RULES:
-            raise ValueError(f"learned_feedback: unknown rule {rule!r}; valid: "
-                             f"{', '.join(NAMED_RULES)}")
+        check_choice("learned_feedback", "rule", rule, NAMED_RULES)
         spec = NAMED_RULES[rule]
         given = (alpha, beta, gamma)
         if len(spec) < 3 and gamma is not None:
@@ -264,9 +263,7 @@ def learned_feedback(
         coeffs = _check_terms({k: d if g is None else g
                                for (k, d), g in zip(spec, given, strict=False)})
         name = rule
-    if source not in SOURCES:
-        raise ValueError(f"learned_feedback: unknown source {source!r}; valid: "
-                         f"{', '.join(SOURCES)}")
+    check_choice("learned_feedback", "source", source, SOURCES)
     if not learning_rate > 0:
         raise ValueError(f"learned_feedback: learning_rate must be > 0, got {learning_rate!r}")
     if not noise_std > 0:

@@ -25,6 +25,7 @@ from fbalign._src.base import (
     StepOutput,
     Updates,
 )
+from fbalign._src.checks import check_choice
 from fbalign._src.models import require_mlp
 from fbalign._src.rules.forward_gradient import TANGENTS
 
@@ -92,12 +93,8 @@ def _check_options(num_tangents: int, distribution: str, perturb: str, local_los
     if isinstance(num_tangents, bool) or not isinstance(num_tangents, int) or num_tangents < 1:
         raise ValueError(f"local_forward_gradient: num_tangents must be a positive integer, got "
                          f"{num_tangents!r}")
-    if distribution not in TANGENTS:
-        raise ValueError(f"local_forward_gradient: unknown distribution {distribution!r}; "
-                         f"valid: {', '.join(TANGENTS)}")
-    if perturb not in PERTURB:
-        raise ValueError(f"local_forward_gradient: unknown perturb {perturb!r}; valid: "
-                         f"{', '.join(PERTURB)}")
+    check_choice("local_forward_gradient", "distribution", distribution, TANGENTS)
+    check_choice("local_forward_gradient", "perturb", perturb, PERTURB)
     if not isinstance(local_losses, bool):
         raise ValueError(f"local_forward_gradient: local_losses must be True or False, got "
                          f"{local_losses!r}")

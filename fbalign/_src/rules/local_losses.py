@@ -24,6 +24,7 @@ from fbalign._src.base import (
     StepOutput,
     Updates,
 )
+from fbalign._src.checks import check_choice
 from fbalign._src.models import require_mlp
 
 LOSSES = ("pred", "sim", "predsim")
@@ -129,9 +130,7 @@ def layer_local_loss(head: dict[str, Array], h: Array, onehot: Array, *, loss: s
 
 def _check_options(loss: str, beta: float, bio: bool, head_lr: float | None,
                    target_proj_size: int, num_classes: int | None) -> None:
-    if loss not in LOSSES:
-        raise ValueError(f"local_error_signals: unknown loss {loss!r}; valid: "
-                         f"{', '.join(LOSSES)}")
+    check_choice("local_error_signals", "loss", loss, LOSSES)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
         raise ValueError(f"local_error_signals: beta must be a number in [0, 1] (the weight of "
                          f"the sim term in predsim), got {beta!r}")
