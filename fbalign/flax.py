@@ -9,7 +9,10 @@ NNX: `Linear`, `Conv` (``rule`` in ``"bp"``, ``"fa"``, ``"kp"``, ``"sign"``/``"u
 or `feedback_grads`/`update_feedback` by hand), and `convert` to switch an existing model's
 linear layers (``nnx.Linear``, ``nnx.Conv``, ``nnx.LinearGeneral``, ``nnx.Einsum`` and their
 subclasses) to a rule in one call, the direct-feedback rules of `DFA_RULES` included (a
-`DirectFeedbackModel`); `summary` lists what a conversion changed and left alone.
+`DirectFeedbackModel`); `summary` lists what a conversion changed and left alone;
+`compare_to_backprop` measures each kernel's update against backprop's (norm ratio, angle).
+Stored feedback defaults to the kernel's own scale (`draw_feedback`; `fan_out_feedback_init` is
+the core's variance-preserving alternative).
 Linen: `LinenDense`, `LinenConv`, `LinenDFATap`, with feedback in the ``"feedback"`` collection.
 """
 
@@ -17,6 +20,7 @@ from fbalign._src.flax_adapters import (
     DFA_RULES,
     LEARNING_FEEDBACK,
     RULES,
+    BackpropComparison,
     Conv,
     ConversionSummary,
     DFATap,
@@ -26,11 +30,13 @@ from fbalign._src.flax_adapters import (
     LinenConv,
     LinenDense,
     LinenDFATap,
+    compare_to_backprop,
     convert,
-    default_feedback_init,
     dfa_carrier,
     dfa_hidden,
     dfa_output,
+    draw_feedback,
+    fan_out_feedback_init,
     feedback_grads,
     learning_feedback_layers,
     shared_feedback,
@@ -44,6 +50,7 @@ __all__ = [
     "DFA_RULES",
     "LEARNING_FEEDBACK",
     "RULES",
+    "BackpropComparison",
     "ConversionSummary",
     "Conv",
     "DFATap",
@@ -53,8 +60,10 @@ __all__ = [
     "LinenConv",
     "LinenDFATap",
     "LinenDense",
+    "compare_to_backprop",
     "convert",
-    "default_feedback_init",
+    "draw_feedback",
+    "fan_out_feedback_init",
     "dfa_carrier",
     "dfa_hidden",
     "dfa_output",

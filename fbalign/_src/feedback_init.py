@@ -31,6 +31,29 @@ def glorot_std(shape: tuple[int, ...]) -> float:
     return math.sqrt(2.0 / (fan_in + fan_out))
 
 
+def matched_std(kernel: Float[Array, " *shape"]) -> Float[Array, ""]:
+    """``rms(W) = sqrt(mean(W^2))``, or the Glorot std of ``W``'s shape (`glorot_std`) for a
+    zero kernel: the std of `matched_feedback`."""
+    kernel = jnp.asarray(kernel)
+    rms = jnp.sqrt(jnp.mean(jnp.square(kernel.astype(jnp.float32))))
+    return jnp.where(rms > 0, rms, glorot_std(tuple(kernel.shape)))
+
+
+def matched_feedback(key: PRNGKeyArray, kernel: Float[Array, " *shape"]) -> Float[Array, " *shape"]:
+    r"""A feedback tensor ``B`` for ``kernel`` (``W``) with entries ``N(0, rms(W)^2)``, ``rms(W) =
+    sqrt(mean(W^2))`` (`matched_std`): of ``W``'s scale, so that FA's error ``delta B^T`` has
+    the norm of backprop's ``delta W^T`` when ``W``'s entries are random (as at
+    initialisation): ``E|delta B^T|^2 = |delta|^2 fan rms(W)^2``. Whatever initialiser made
+    ``W`` (Flax's LeCun normal, PyTorch's uniform fan-in, a trained kernel), the hidden errors
+    start at backprop's magnitudes; a variance-preserving ``B`` (std ``1/sqrt(fan_out)``) is
+    several times larger than a LeCun ``W`` wherever ``fan_out < fan_in``, and the errors it
+    sends down grow by that factor at every layer. A zero kernel (a zero-initialised layer) has
+    no scale: ``B`` then takes the Glorot std of its shape."""
+    std = matched_std(kernel)
+    return (std * jax.random.normal(key, jnp.shape(kernel), jnp.float32)).astype(
+        jnp.asarray(kernel).dtype)
+
+
 def gaussian(std: float = 1.0) -> Initializer:
     """Entries drawn i.i.d. from ``N(0, std^2)``."""
 

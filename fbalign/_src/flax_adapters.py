@@ -49,7 +49,7 @@ from fbalign._src.backward import (
     SignFeedback,
     TargetProjection,
 )
-from fbalign._src.feedback_init import glorot_std
+from fbalign._src.feedback_init import glorot_std, matched_feedback, matched_std
 from fbalign._src.layers import conv_op, einsum_op, glorot_dfa_std, shared_dfa_feedback
 from fbalign._src.models import matmul
 from fbalign._src.rules.bidirectional import bdfa_feedback_grad
@@ -68,8 +68,19 @@ FEEDBACK_STREAM = "feedback"
 
 default_kernel_init = jax.nn.initializers.lecun_normal()
 # Variance-preserving for the backward map (std 1/sqrt(dout), or 1/sqrt(kh*kw*cout) for conv),
-# the default of `fbalign.rules.feedback_alignment`.
-default_feedback_init = jax.nn.initializers.variance_scaling(1.0, "fan_out", "normal")
+# the default of `fbalign.rules.feedback_alignment`; the adapters' default (feedback_init=None)
+# is `matched_feedback` instead (issue 18 item 5: this one made a converted Flax CNN's hidden
+# errors 5-18x backprop's, and SGD 0.1 with momentum diverged).
+fan_out_feedback_init = jax.nn.initializers.variance_scaling(1.0, "fan_out", "normal")
+
+
+def draw_feedback(init: Initializer | None, key: Array, kernel: Array) -> Array:
+    """``B`` for ``kernel``: ``init(key, kernel.shape, kernel.dtype)``, or, with ``init=None``
+    (the adapters' default), `matched_feedback`: entries of the kernel's own scale, so that the
+    errors a converted layer sends down start at backprop's magnitude."""
+    if init is None:
+        return matched_feedback(key, kernel)
+    return init(key, kernel.shape, kernel.dtype)
 
 
 class Feedback(nnx.Variable):
@@ -255,7 +266,7 @@ class _FeedbackLayer(nnx.Module):
             nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
         )
         self.feedback = (
-            Feedback(feedback_init(rngs.params(), shape, param_dtype))
+            Feedback(draw_feedback(feedback_init, rngs.params(), self.kernel[...]))
             if self.rule in _STORES_FEEDBACK
             else None
         )
@@ -322,7 +333,10 @@ class Linear(_FeedbackLayer):
       dtype, precision: the compute dtype (None: promote the input and the parameters, as
         ``nnx.Linear``) and the matmul precision; the feedback is cast to the compute dtype,
         so a bfloat16 layer sends its error back in bfloat16.
-      feedback_init: initialiser of ``B`` (default std ``1/sqrt(out_features)``).
+      feedback_init: initialiser of ``B``; None (default): `matched_feedback`, Gaussian entries
+        with the kernel's own RMS, so the errors sent down start at backprop's magnitude
+        (`compare_to_backprop` measures it); `fan_out_feedback_init` is the core rules'
+        variance-preserving std ``1/sqrt(fan_out)``.
       sign_scale: magnitude for ``"sign"``, std ``s`` of brSF's ``R``; None is the Glorot std
         ``sqrt(2 / (fan_in + fan_out))`` of the kernel.
       magnitude_distribution: law of brSF's ``R`` (i.i.d., std ``s``), as ``distribution`` of
@@ -353,7 +367,7 @@ class Linear(_FeedbackLayer):
         use_bias: bool = True,
         kernel_init: Initializer = default_kernel_init,
         bias_init: Initializer = jax.nn.initializers.zeros,
-        feedback_init: Initializer = default_feedback_init,
+        feedback_init: Initializer | None = None,
         sign_scale: float | None = None,
         magnitude_distribution: str = "uniform",
         param_dtype: Any = jnp.float32,
@@ -407,7 +421,7 @@ class Conv(_FeedbackLayer):
         use_bias: bool = True,
         kernel_init: Initializer = default_kernel_init,
         bias_init: Initializer = jax.nn.initializers.zeros,
-        feedback_init: Initializer = default_feedback_init,
+        feedback_init: Initializer | None = None,
         sign_scale: float | None = None,
         magnitude_distribution: str = "uniform",
         param_dtype: Any = jnp.float32,
@@ -908,6 +922,8 @@ class DirectFeedbackModel(nnx.Module):
             stack.pop()
 
     def __call__(self, *args: Any, labels: Array | None = None, **kwargs: Any) -> Array:
+        if self.rule == "bp":  # `compare_to_backprop`'s reference: taps off, plain backprop
+            return self._run(_Slot("off"), args, kwargs)
         if self.rule in _READS_TARGETS and labels is None:
             raise ValueError(
                 f"rule {self.rule!r} sends the target to the hidden layers: call "
@@ -994,7 +1010,7 @@ def _swap_op(layer: Any, rule: str, rngs: nnx.Rngs, feedback_init, sign_scale,
     layer.sign_scale = sign_scale
     layer.magnitude_distribution = magnitude_distribution
     layer.rng_collection = rng_collection
-    fb = (Feedback(feedback_init(rngs.params(), kernel.shape, kernel.dtype))
+    fb = (Feedback(draw_feedback(feedback_init, rngs.params(), kernel))
           if layer.rule in _STORES_FEEDBACK else None)
     _set(layer, "feedback", fb)
     _set(layer, "feedback_rngs",
@@ -1039,6 +1055,11 @@ def _convert_layer(
             feature_group_count=layer.feature_group_count,
             **common,
         )
+    if new.feedback is not None and feedback_init is None:
+        # B was matched to the new layer's fresh kernel; match it to the kernel it takes over
+        new.feedback[...] = (new.feedback[...] * (matched_std(layer.kernel[...])
+                                                  / matched_std(new.kernel[...]))
+                             ).astype(new.feedback[...].dtype)
     new.kernel[...] = layer.kernel[...]
     if layer.use_bias:
         new.bias[...] = layer.bias[...]
@@ -1167,7 +1188,8 @@ def convert(
         None takes it from there).
       sample_input: direct-feedback rules: an input (array or ``jax.ShapeDtypeStruct``), or a
         tuple of positional inputs, shaped like a training batch (the batch size may differ).
-      feedback_init: initialiser of ``B`` (None: std ``1/sqrt(fan_out)`` for `RULES`, the Glorot
+      feedback_init: initialiser of ``B`` (None: `matched_feedback`, entries of the converted
+        kernel's own RMS, for `RULES` (see `Linear`), the Glorot
         std above for direct feedback).
       sign_scale, magnitude_distribution, rng_collection: as `Linear`.
       copy: convert a clone (default) and leave ``model`` untouched; ``False`` converts in place.
@@ -1190,7 +1212,6 @@ def convert(
             _warn_left_alone(left, rule)
             _warn_learning_feedback(rule)
         return out
-    feedback_init = feedback_init or default_feedback_init
     args = (rule, rngs, feedback_init, sign_scale, magnitude_distribution, rng_collection)
     found, left = _targets_of(model)
     for path, layer in found:
@@ -1218,6 +1239,73 @@ def _warn_learning_feedback(rule: str) -> None:
             "with fixed feedback; train it with fbalign.flax.train_step(model, optimizer, "
             "loss_fn, ..., feedback_lr=...) (or feedback_grads + update_feedback)",
             UserWarning, stacklevel=3)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackpropComparison:
+    """What `compare_to_backprop` measured: ``rows`` are ``(parameter path, norm ratio, angle in
+    degrees)``; ``str()`` prints them as a table."""
+
+    rows: tuple[tuple[str, float, float], ...]
+
+    def ratios(self) -> dict[str, float]:
+        """``{path: |rule update| / |backprop gradient|}``."""
+        return {path: r for path, r, _ in self.rows}
+
+    def __str__(self) -> str:
+        width = max((len(p) for p, _, _ in self.rows), default=4)
+        lines = [f"{'layer'.ljust(width)}  |update|/|bp grad|  angle (deg)"]
+        lines += [f"{p.ljust(width)}  {r:17.3g}  {a:11.1f}" for p, r, a in self.rows]
+        return "\n".join(lines)
+
+
+def _as_backprop(model: nnx.Module) -> None:
+    """In place: every converted layer (and a `DirectFeedbackModel`) runs backprop."""
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, DirectFeedbackModel) or _converted_kind(m) is not None:
+            m.rule = "bp"
+
+
+def compare_to_backprop(model: nnx.Module, loss_fn: Callable[..., Array], *args: Any,
+                        **kwargs: Any) -> BackpropComparison:
+    r"""How far a converted model's updates are from backprop's, kernel by kernel, on one batch.
+
+    For every kernel (``nnx.Param`` named ``kernel``) of ``model``: ``|Delta W| / |dL/dW|``
+    (Frobenius norms) and the angle between them, where ``Delta W`` is what ``nnx.grad(loss_fn)
+    (model, *args, **kwargs)`` returns under the model's rules and ``dL/dW`` is backprop's on the
+    same weights (a clone with every converted layer set to ``"bp"``). Since ``Delta W = x^T
+    delta`` with backprop's own input ``x``, the ratio measures the hidden error ``delta`` a
+    rule sends down against backprop's: ratios far above 1 (errors growing layer by layer) are
+    what makes a learning rate that suits backprop diverge under the rule; the last layer's
+    ratio is 1 for the FA family (it sees the true output error). Compiles and runs
+    ``loss_fn``'s gradient twice: a diagnostic for the start of a run, not a training step.
+
+    Example::
+
+        report = fbalign.flax.compare_to_backprop(model, loss_fn, x, y)
+        print(report)            # one row per kernel
+        report.ratios()          # {"linear1/kernel": 0.97, ...}
+    """
+    def kernels(m: nnx.Module) -> dict[str, Array]:
+        grads = nnx.jit(nnx.grad(loss_fn))(m, *args, **kwargs)
+        return {"/".join(map(str, path)): v for path, v in nnx.to_flat_state(grads)
+                if path[-1] == "kernel"}
+
+    rule = kernels(model)
+    reference = nnx.clone(model)
+    _as_backprop(reference)
+    bp = kernels(reference)
+    if set(rule) != set(bp) or not rule:
+        raise ValueError("compare_to_backprop: model has no kernel parameters to compare "
+                         "(nnx.Param variables named 'kernel')")
+    rows = []
+    for path, g in bp.items():
+        u, g = jnp.ravel(rule[path]), jnp.ravel(g)
+        norm_u, norm_g = jnp.linalg.norm(u), jnp.linalg.norm(g)
+        cos = jnp.dot(u, g) / (norm_u * norm_g)
+        rows.append((path, float(norm_u / norm_g),
+                     float(jnp.degrees(jnp.arccos(jnp.clip(cos, -1.0, 1.0))))))
+    return BackpropComparison(tuple(rows))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1264,11 +1352,11 @@ def summary(model: nnx.Module) -> ConversionSummary:
 # Linen.
 
 
-def _linen_feedback(module: nn.Module, rule: str, shape, init, dtype) -> Array | None:
+def _linen_feedback(module: nn.Module, rule: str, kernel: Array, init) -> Array | None:
     if rule not in _STORES_FEEDBACK:
         return None
     var = module.variable(
-        "feedback", "kernel", lambda: init(module.make_rng("params"), shape, dtype)
+        "feedback", "kernel", lambda: draw_feedback(init, module.make_rng("params"), kernel)
     )
     return var.value
 
@@ -1301,7 +1389,7 @@ def _linen_variables(module: nn.Module, rule: str, shape: tuple[int, ...]):
     rule's `Backward` object (its feedback from the ``"feedback"`` collection, or drawn for
     brSF)."""
     kernel = module.param("kernel", module.kernel_init, shape, module.param_dtype)
-    fb = _linen_feedback(module, rule, shape, module.feedback_init, module.param_dtype)
+    fb = _linen_feedback(module, rule, kernel, module.feedback_init)
     bias = (
         module.param("bias", module.bias_init, (module.features,), module.param_dtype)
         if module.use_bias
@@ -1331,7 +1419,7 @@ class LinenDense(nn.Module):
     use_bias: bool = True
     kernel_init: Initializer = default_kernel_init
     bias_init: Initializer = jax.nn.initializers.zeros
-    feedback_init: Initializer = default_feedback_init
+    feedback_init: Initializer | None = None
     sign_scale: float | None = None
     magnitude_distribution: str = "uniform"
     param_dtype: Any = jnp.float32
@@ -1360,7 +1448,7 @@ class LinenConv(nn.Module):
     use_bias: bool = True
     kernel_init: Initializer = default_kernel_init
     bias_init: Initializer = jax.nn.initializers.zeros
-    feedback_init: Initializer = default_feedback_init
+    feedback_init: Initializer | None = None
     sign_scale: float | None = None
     magnitude_distribution: str = "uniform"
     param_dtype: Any = jnp.float32
