@@ -82,7 +82,8 @@ def _quick(name, tmp_path, capsys):
         for rule in budget_rules(exp, "quick"):  # the paper's number beside ours
             paper = exp.get("paper", {}).get(rule)
             row = next(line for line in report.splitlines() if line.startswith(f"| `{rule}` |")
-                       and (paper is None or f"| {paper} |" in line))
+                       and (paper is None
+                            or re.search(rf"\| {paper}( \+- [\d.]+)? \|", line)))
             assert re.search(r"\| \d+(\.\d+)?(e-?\d+)? \+- ", row), row
     assert "Quick-budget checks: all hold." in report
     return out
@@ -129,3 +130,16 @@ def test_luo2017_quick_budget_learns_with_bidirectional_feedback(tmp_path, capsy
     assert report.count("Not run at the quick budget.") == 5  # quick_skip: one experiment runs
     bfa = json.loads((out / "mnist-1x400" / "bfa" / "config.json").read_text())
     assert bfa["rule_args"]["activation"] == "tanh"
+
+
+def test_innocenti2024_quick_budget_predictive_coding_learns(tmp_path, capsys):
+    out = _quick("innocenti2024", tmp_path, capsys)
+    pc = json.loads((out / "mnist-784-300-300-10" / "pc" / "config.json").read_text())
+    assert pc["rule_args"] == {"steps": 200, "step_size": 0.1} and pc["hidden"] == [32, 32]
+
+
+def test_scellier2017_quick_budget_equilibrium_propagation_learns(tmp_path, capsys):
+    out = _quick("scellier2017", tmp_path, capsys)
+    ep = json.loads((out / "mnist-784-500-10" / "ep" / "config.json").read_text())
+    assert ep["model"] == "hopfield" and ep["rule_args"]["random_sign"] is True
+    assert not (out / "mnist-784-500-500-10").exists()  # quick_skip
