@@ -25,7 +25,7 @@ from fbalign._src.rule_args import (
 OPTIMIZERS = ("sgd", "adam", "rmsprop", "rprop", "signsgd", "signum")
 MODELS = ("mlp", "lenet5", "rnn", "hopfield")
 # Rules that need one kind of network, and the rules a network other than an MLP trains with.
-_RULE_MODELS = {"ep": ("hopfield",), "pc": ("mlp",), "ar": ("mlp",),
+_RULE_MODELS = {"ep": ("hopfield",), "pc": ("mlp",), "ar": ("mlp", "lenet5"),
                 **{r: ("mlp",) for r in ("tp", "dtp", "drl", "ddtp", "ldrl", "lsig", "ff",
                                          "hsic", "pepita", "lfg", "altmin", "admm", "emsa",
                                          "kickback")}}
