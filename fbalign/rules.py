@@ -46,7 +46,7 @@ from fbalign._src.rules.feedback_alignment import (
     feedback_alignment,
 )
 from fbalign._src.rules.forward_gradient import forward_gradient, sample_tangents
-from fbalign._src.rules.predictive_coding import predictive_coding
+from fbalign._src.rules.predictive_coding import PredictiveCodingState, predictive_coding
 from fbalign._src.rules.shallow import shallow
 
 __all__ = [
@@ -63,6 +63,7 @@ __all__ = [
     "sample_tangents",
     "through_primitives",
     "ActivationRelaxationState",
+    "PredictiveCodingState",
     "activation_relaxation",
     "equilibrium_propagation",
     "predictive_coding",
