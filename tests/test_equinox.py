@@ -163,9 +163,9 @@ def test_conv_updates_equal_the_core_feedback_conv(rule):
 
 
 def test_vmapped_dfa_gives_each_example_its_own_error():
-    """Per-example vmap == batched call == the core DFA rule's explicit updates; a carrier that
-    is not batched under vmap (fbalign.ops.dfa_carrier) would hand every example the batch's
-    summed error and fails."""
+    """Per-example vmap == batched call == the core DFA rule's explicit updates, with this
+    module's carrier and with the core ops (which batch their carrier like the activations: an
+    unbatched carrier would hand every example the batch's summed error)."""
     mlp = eqx.nn.MLP(4, 3, 6, depth=2, activation=jnp.tanh, key=_key(7))
     model = fe.convert(mlp, "dfa", key=_key(8))
     x = _rand(9, (6, 4))[0]
@@ -193,15 +193,15 @@ def test_vmapped_dfa_gives_each_example_its_own_error():
             np.testing.assert_allclose(lyr.bias, w["b"], **TOL)
         assert not jax.tree.leaves([t.feedback for t in got.taps])
 
-    def naive(m, xe):  # the core ops on one example: the carrier is an unbatched constant
+    def core_ops(m, xe):  # the core ops on one example: they batch the carrier like h and y
         carrier = ops.dfa_carrier((3,))
         for layer, tap in zip(m.mlp.layers[:-1], m.taps, strict=True):
             xe, carrier = ops.dfa_hidden(jnp.tanh(layer(xe)), carrier, fe.feedback_array(tap))
         return ops.dfa_output(m.mlp.layers[-1](xe), carrier)
 
-    wrong = eqx.filter_jit(eqx.filter_grad(lambda m: fb.cross_entropy(
-        jax.vmap(lambda xe: naive(m, xe))(x), labels)))(model)
-    assert not np.allclose(wrong.mlp.layers[0].weight, want[0]["w"].T, atol=1e-4)
+    same = eqx.filter_jit(eqx.filter_grad(lambda m: fb.cross_entropy(
+        jax.vmap(lambda xe: core_ops(m, xe))(x), labels)))(model)
+    np.testing.assert_allclose(same.mlp.layers[0].weight, want[0]["w"].T, **TOL)
 
 
 def test_dfa_tap_on_a_conv_feature_map_per_example_and_batched():

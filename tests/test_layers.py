@@ -677,3 +677,31 @@ def test_lenet5_trains(mode, shared, factor):
     losses = np.asarray(losses)
     assert np.isfinite(losses).all()
     assert losses[-5:].mean() < factor * losses[0], losses
+
+
+@pytest.mark.parametrize("cotangent", ["zero", "activity"])
+def test_dfa_ops_under_per_example_vmap_give_each_example_its_own_error(cotangent):
+    """grad(vmap(per-example model)) equals the batched model: a carrier made inside vmap is an
+    unbatched constant, and without batching it like the activations the cotangent reaching it
+    would be the batch's summed error (every example's hidden layer got sum_n e_n B)."""
+    k = jax.random.split(jax.random.PRNGKey(0), 5)
+    x, t = jax.random.normal(k[0], (4, 5)), jax.random.normal(k[1], (4, 3))
+    w1, w2 = jax.random.normal(k[2], (5, 6)), jax.random.normal(k[3], (6, 3))
+    b = jax.random.normal(k[4], (3, 6))
+
+    def model(w1, b, xs, carrier_shape):
+        carrier = ops.dfa_carrier(carrier_shape, xs.dtype)
+        h, carrier = ops.dfa_hidden(jnp.tanh(xs @ w1), carrier, b, feedback_cotangent=cotangent)
+        return ops.dfa_output(h @ w2, carrier)
+
+    def per_example(w1, b):
+        return jnp.sum(jax.vmap(lambda xe: model(w1, b, xe, (3,)))(x) * t)
+
+    def batched(w1, b):
+        return jnp.sum(model(w1, b, x, (4, 3)) * t)
+
+    got, want = jax.grad(per_example, (0, 1))(w1, b), jax.grad(batched, (0, 1))(w1, b)
+    assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
+    e = t  # dL/dy; hidden errors are e @ B per example
+    h = jnp.tanh(x @ w1)
+    np.testing.assert_allclose(want[0], x.T @ ((e @ b) * (1 - h**2)), rtol=1e-5, atol=1e-6)

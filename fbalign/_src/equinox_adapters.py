@@ -39,6 +39,7 @@ from fbalign._src.backward import Backward
 from fbalign._src.base import Array
 from fbalign._src.checks import check_choice
 from fbalign._src.feedback_init import Initializer, glorot_std, matched_feedback
+from fbalign._src.primitives import batched_like
 from fbalign._src.registry import get_rule
 from fbalign._src.rules.feedback_alignment import draw_feedback
 from fbalign._src.rules.sign_symmetry import DISTRIBUTIONS, draw_magnitude
@@ -296,14 +297,6 @@ class Conv2d(Conv):
 
 # ---------------------------------------------------------------------------------------------
 # Direct feedback alignment.
-
-
-def batched_like(carrier: Float[Array, "*b n_out"], like: Array) -> Float[Array, "*b n_out"]:
-    """``carrier`` plus an exact zero computed from ``like``: the same values, but under
-    ``jax.vmap`` the carrier is batched whenever ``like`` is, so the cotangent it collects (the
-    output error) stays per example instead of being summed over the batch."""
-    zero = jnp.sum(jax.lax.stop_gradient(like).ravel()[:0]).astype(carrier.dtype)
-    return carrier + zero
 
 
 def dfa_carrier(x: Array, n_out: int, *, batch_ndim: int = 0,

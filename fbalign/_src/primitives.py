@@ -123,10 +123,23 @@ def _check_same_shape(w: Array, b: Array, name: str) -> None:
         )
 
 
+def batched_like(carrier: Float[Array, "*b n_out"], like: Array) -> Float[Array, "*b n_out"]:
+    """``carrier`` plus an exact zero computed from ``like``: the same values, but under
+    ``jax.vmap`` the carrier is batched whenever ``like`` is. An all-zeros carrier made inside a
+    vmapped function is an unbatched constant, and the cotangent of an unbatched input is summed
+    over the mapped axis: under ``jax.grad(... jax.vmap(per_example) ...)`` every example would
+    receive the batch's summed output error. `dfa_hidden` and `dfa_output` batch their carrier
+    like the activations it travels with, so each example gets its own error."""
+    zero = jnp.sum(jax.lax.stop_gradient(like).ravel()[:0]).astype(carrier.dtype)
+    return carrier + zero
+
+
 def _match_varying(carrier: Array, like: Array) -> Array:
     # Inside ``jax.shard_map`` the carrier's cotangent is the per-shard error, so the carrier must
     # be typed varying like the activations it travels with (an all-zeros constant is invariant).
-    # Outside shard_map both sets are empty and this is the identity.
+    # Outside shard_map both sets are empty and this is the identity. Under ``jax.vmap`` the
+    # same holds for batching (`batched_like`).
+    carrier = batched_like(carrier, like)
     missing = varying_axes(like) - varying_axes(carrier)
     if not missing:
         return carrier
@@ -270,12 +283,12 @@ def _dfa_hidden_learning_fwd(kind, h, carrier, b, targets):
 def _dfa_hidden_learning_bwd(kind, res, g):
     h, b, t = res
     gh, ge = g
-    n = h.shape[0]
-    flat_h = h.reshape(n, -1)
+    flat_e = ge.reshape(-1, ge.shape[-1])  # (batch, n_out); one example under vmap: (1, n_out)
+    flat_h = h.reshape(flat_e.shape[0], -1)
     if kind == "activity":
-        gb = ge.T @ flat_h
+        gb = flat_e.T @ flat_h
     else:  # the rule's own feedback gradient
-        gb = kind(ge, flat_h, b.reshape(b.shape[0], -1), t)
+        gb = kind(flat_e, flat_h, b.reshape(b.shape[0], -1), t)
     return (_tap_error(ge, b, gh), ge, gb.reshape(b.shape).astype(b.dtype),
             jnp.zeros_like(t))
 
