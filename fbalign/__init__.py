@@ -197,13 +197,14 @@ __all__ += ["metrics"]
 
 # Energy-based and relaxation rules (issue 13) and the Hopfield network EP trains.
 from fbalign._src.hopfield import HopfieldNetwork, hopfield  # noqa: E402
+from fbalign._src.hopfield_conv import ConvHopfieldNetwork, conv_hopfield  # noqa: E402
 from fbalign._src.relax import relax  # noqa: E402
 from fbalign._src.rules.activation_relaxation import activation_relaxation  # noqa: E402
 from fbalign._src.rules.equilibrium import equilibrium_propagation  # noqa: E402
 from fbalign._src.rules.predictive_coding import predictive_coding  # noqa: E402
 
-__all__ += ["HopfieldNetwork", "activation_relaxation", "equilibrium_propagation", "hopfield",
-            "predictive_coding", "relax"]
+__all__ += ["ConvHopfieldNetwork", "HopfieldNetwork", "activation_relaxation", "conv_hopfield",
+            "equilibrium_propagation", "hopfield", "predictive_coding", "relax"]
 
 # Target propagation (issue 14), local objectives (issue 15), auxiliary-variable and
 # gradient-free training and sign-based optimizers (issue 16).

@@ -6,7 +6,8 @@ make any Flax NNX/Linen or Equinox model, or a pure
 
 from fbalign._src.activations import ACTIVATIONS, get_activation
 from fbalign._src.convnet import LeNet5, lenet5
-from fbalign._src.hopfield import HopfieldNetwork, hopfield
+from fbalign._src.hopfield import EnergyNetwork, HopfieldNetwork, hopfield
+from fbalign._src.hopfield_conv import ConvHopfieldNetwork, conv_hopfield
 from fbalign._src.models import BACKWARD_MODES, MLP, mlp
 from fbalign._src.recurrent import RNN, rnn
 from fbalign._src.sequential import (
@@ -46,12 +47,15 @@ __all__ = [
     "MLP",
     "RNN",
     "EquinoxNetwork",
+    "ConvHopfieldNetwork",
+    "EnergyNetwork",
     "FunctionNetwork",
     "HopfieldNetwork",
     "LeNet5",
     "LinenNetwork",
     "NNXNetwork",
     "as_network",
+    "conv_hopfield",
     "from_equinox",
     "from_function",
     "from_linen",

@@ -4,7 +4,9 @@ Scellier & Bengio (2017), "Equilibrium propagation: bridging the gap between ene
 and backpropagation", Frontiers in Computational Neuroscience 11:24, eq. (1), restricted to a
 layered architecture (as in their experiments and in Laborieux et al. 2021): the input ``x`` is
 clamped, the states ``s_1, ..., s_L`` are free, ``s_L`` is the output, and only consecutive
-layers interact (symmetric weights ``W_l`` couple ``s_{l-1}`` and ``s_l``).
+layers interact (symmetric weights ``W_l`` couple ``s_{l-1}`` and ``s_l``). `EnergyNetwork` is
+the interface equilibrium propagation needs, shared with the convolutional network of
+``hopfield_conv``.
 """
 
 from __future__ import annotations
@@ -67,103 +69,52 @@ def hopfield_activation(name: str) -> Callable[[Array], Array]:
     return hard_sigmoid if name == "hard_sigmoid" else get_activation(name)
 
 
-@dataclasses.dataclass(frozen=True)
-class HopfieldNetwork:
-    r"""A layered Hopfield network with input clamped; params ``[{"w": (d_{l-1}, d_l), "b":
-    (d_l,)}, ...]`` (the MLP's layout). Build one with `hopfield`.
+class EnergyNetwork:
+    """The interface equilibrium propagation (`fbalign.rules.equilibrium_propagation`) needs of
+    an energy-based network with its input clamped; `HopfieldNetwork` (dense) and
+    ``ConvHopfieldNetwork`` (`conv_hopfield`) implement it.
 
-    The energy of one example (Scellier & Bengio 2017, eq. 1, layered) is
+    A subclass is a frozen dataclass with the fields ``activation``, ``free_steps``,
+    ``step_size``, ``tol`` and ``readout``, and defines ``num_layers`` (weight layers: one
+    params entry each), ``num_states`` (free state layers), ``init``, ``energy(params, x,
+    states)`` (summed over the batch; the readout's params, when there is one, do not enter
+    it), ``zero_states``, ``prepare_input`` (checks ``x``, naming the shape expected) and
+    ``readout_input`` (the last state as a ``(batch, features)`` matrix). This base gives the
+    dynamics (`free_phase`, `relax_states`), ``output`` and ``apply``.
 
-    .. math:: E(s) = \tfrac12 \sum_{l=1}^L \|s_l\|^2 - \sum_{l=1}^L \rho(s_{l-1})^\top W_l
-              \rho(s_l) - \sum_{l=1}^L b_l^\top \rho(s_l),
-
-    with ``rho(s_0) := x``: the clamped input enters unchanged (as in Laborieux et al.'s code),
-    so inputs need not lie in ``[0, 1]``. `energy` sums it over the batch, so that each
-    example's relaxation ``s <- s - step_size * dE/ds`` is independent of the batch size (the
-    rules divide parameter gradients by the batch size themselves). Its gradient is
-
-    ``dE/ds_l = s_l - rho'(s_l) * (rho(s_{l-1}) W_l + b_l + rho(s_{l+1}) W_{l+1}^T)``
-
-    (the last term absent for ``l = L``). `apply` runs the free phase from ``s = 0`` and returns
-    ``s_L``, the prediction.
-
-    Attributes:
-      sizes: ``(d_0, d_1, ..., d_L)``: input, hidden and output sizes.
-      activation: ``rho``: ``"hard_sigmoid"`` (default), ``"sigmoid"``, ``"tanh"``...
-      free_steps: the free phase's number of descent steps (the most steps, with ``tol``).
-      step_size: the descent's step size ``eta`` (``relax``'s ``step_size``).
-      tol: None runs exactly ``free_steps`` steps; else stop once ``max |dE/ds| < tol``.
+    ``readout=True`` is Laborieux et al.'s (2021) cross-entropy setting: the last weight layer
+    is a readout outside the energy, ``o = rho(s_last) W_out + b_out`` (the logits; their
+    ``softmax=True``), trained by the loss; ``output`` returns ``o``. Else ``output`` is the
+    last state ``s_L``.
     """
 
     layer_structure = False  # no feedforward chain (no `forward` tape, no `apply(backward=)`)
 
-    sizes: tuple[int, ...]
-    activation: str = "hard_sigmoid"
-    free_steps: int = 40
-    step_size: float = 0.5
-    tol: float | None = None
-
-    def __post_init__(self):
-        if len(self.sizes) < 2:
-            raise ValueError(f"hopfield: needs at least input and output sizes, got {self.sizes}")
-        for s in self.sizes:
-            if not isinstance(s, int) or isinstance(s, bool) or s <= 0:
-                raise ValueError(f"hopfield: layer sizes must be positive integers, got "
-                                 f"{self.sizes}")
-        hopfield_activation(self.activation)
-        if isinstance(self.free_steps, bool) or not isinstance(self.free_steps, int) \
-                or self.free_steps < 1:
-            raise ValueError(f"hopfield: free_steps must be a positive int, got "
-                             f"{self.free_steps!r}")
-        if not self.step_size > 0:
-            raise ValueError(f"hopfield: step_size must be positive, got {self.step_size}")
-
     @property
-    def num_layers(self) -> int:
-        return len(self.sizes) - 1
+    def num_states(self) -> int:
+        """The number of free state layers: ``num_layers`` less the readout's."""
+        return self.num_layers - (1 if self.readout else 0)
 
     def rho(self, s: Array) -> Array:
         """The activation ``rho`` applied elementwise."""
         return hopfield_activation(self.activation)(s)
 
-    def init(self, key: PRNGKey, dtype: Any = jnp.float32) -> Params:
-        """Glorot-uniform weights (Laborieux et al. 2021 use PyTorch's uniform fan-in init;
-        Scellier & Bengio 2017 Glorot), zero biases."""
-        kinit = jax.nn.initializers.glorot_uniform()
-        keys = jax.random.split(key, self.num_layers)
-        return [{"w": kinit(k, (din, dout), dtype), "b": jnp.zeros((dout,), dtype)}
-                for k, din, dout in zip(keys, self.sizes[:-1], self.sizes[1:], strict=True)]
-
-    def zero_states(self, x: Array, dtype: Any = None) -> list[Array]:
-        """``[s_1, ..., s_L]`` all zero, ``(batch, d_l)`` each: the free phase's start."""
-        dtype = x.dtype if dtype is None else dtype
-        return [jnp.zeros((x.shape[0], d), dtype) for d in self.sizes[1:]]
-
-    def _check_input(self, x: Array) -> None:
-        if x.ndim != 2 or x.shape[1] != self.sizes[0]:
-            raise ValueError(f"hopfield expects inputs of shape (batch, {self.sizes[0]}), got "
-                             f"{tuple(x.shape)}"
-                             + ("; flatten images first" if x.ndim > 2 else ""))
-
-    def energy(self, params: Params, x: Array, states: list[Array]) -> Array:
-        """``E(s)`` summed over the batch (see the class docstring); ``states`` is
-        ``[s_1, ..., s_L]``."""
-        if len(params) != self.num_layers or len(states) != self.num_layers:
-            raise ValueError(f"hopfield: {self.num_layers} layers, got {len(params)} param "
-                             f"layers and {len(states)} states")
-        rhos = [x] + [self.rho(s) for s in states]
-        e = 0.5 * sum(jnp.sum(s**2) for s in states)
-        for layer, below, above in zip(params, rhos[:-1], rhos[1:], strict=True):
-            e = e - jnp.sum((below @ layer["w"]) * above) - jnp.sum(above * layer["b"])
-        return e
+    def output(self, params: Params, states: list[Array]) -> Array:
+        """The prediction read from ``states``: the readout's logits ``rho(s_last) W_out +
+        b_out`` (``readout=True``; params' last entry) or the last state ``s_L``."""
+        if not self.readout:
+            return states[-1]
+        out = params[-1]
+        return self.readout_input(self.rho(states[-1])) @ out["w"] + out["b"]
 
     def free_phase(self, params: Params, x: Array, *, init: list[Array] | None = None,
                    steps: int | None = None, step_size: float | None = None,
                    tol: float | None = None, record: bool = False) -> RelaxResult:
         """Relaxes ``E`` with ``x`` clamped (`relax`), from ``init`` (zeros by default), for
         ``steps`` (default ``free_steps``) steps of ``step_size`` (default the network's;
-        ``tol`` default the network's). Returns the `RelaxResult`; ``state[-1]`` is ``s_L``."""
-        self._check_input(x)
+        ``tol`` default the network's). Returns the `RelaxResult`; ``state[-1]`` is the last
+        state layer (``s_L``, or the readout's input)."""
+        x = self.prepare_input(x)
         start = self.zero_states(x, params[0]["w"].dtype) if init is None else init
         return self.relax_states(lambda s: self.energy(params, x, s), start,
                                  steps=self.free_steps if steps is None else steps,
@@ -185,18 +136,130 @@ class HopfieldNetwork:
                      record=record)
 
     def apply(self, params: Params, x: Array) -> Array:
-        """The prediction: ``s_L`` at the end of the free phase from ``s = 0``."""
-        return self.free_phase(params, x).state[-1]
+        """The prediction (`output`) at the end of the free phase from ``s = 0``: ``s_L``, or
+        the readout's logits."""
+        return self.output(params, self.free_phase(params, x).state)
+
+
+def check_relaxation_options(where: str, activation: str, free_steps: int,
+                             step_size: float) -> None:
+    """Raises a `ValueError` naming ``where`` and the option for an unknown activation, a
+    ``free_steps`` that is not a positive int or a non-positive ``step_size``."""
+    hopfield_activation(activation)
+    if isinstance(free_steps, bool) or not isinstance(free_steps, int) or free_steps < 1:
+        raise ValueError(f"{where}: free_steps must be a positive int, got {free_steps!r}")
+    if not step_size > 0:
+        raise ValueError(f"{where}: step_size must be positive, got {step_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HopfieldNetwork(EnergyNetwork):
+    r"""A layered Hopfield network with input clamped; params ``[{"w": (d_{l-1}, d_l), "b":
+    (d_l,)}, ...]`` (the MLP's layout). Build one with `hopfield`.
+
+    The energy of one example (Scellier & Bengio 2017, eq. 1, layered) is
+
+    .. math:: E(s) = \tfrac12 \sum_{l=1}^L \|s_l\|^2 - \sum_{l=1}^L \rho(s_{l-1})^\top W_l
+              \rho(s_l) - \sum_{l=1}^L b_l^\top \rho(s_l),
+
+    with ``rho(s_0) := x``: the clamped input enters unchanged (as in Laborieux et al.'s code),
+    so inputs need not lie in ``[0, 1]``. `energy` sums it over the batch, so that each
+    example's relaxation ``s <- s - step_size * dE/ds`` is independent of the batch size (the
+    rules divide parameter gradients by the batch size themselves). Its gradient is
+
+    ``dE/ds_l = s_l - rho'(s_l) * (rho(s_{l-1}) W_l + b_l + rho(s_{l+1}) W_{l+1}^T)``
+
+    (the last term absent for ``l = L``). `apply` runs the free phase from ``s = 0`` and returns
+    ``s_L``, the prediction.
+
+    With ``readout=True`` (Laborieux et al. 2021's cross-entropy setting) the last size is a
+    readout outside the energy: the states are ``s_1, ..., s_{L-1}``, ``E`` sums up to
+    ``L - 1``, and the prediction is the logits ``rho(s_{L-1}) W_L + b_L`` (`EnergyNetwork`).
+
+    Attributes:
+      sizes: ``(d_0, d_1, ..., d_L)``: input, hidden and output sizes.
+      activation: ``rho``: ``"hard_sigmoid"`` (default), ``"sigmoid"``, ``"tanh"``...
+      free_steps: the free phase's number of descent steps (the most steps, with ``tol``).
+      step_size: the descent's step size ``eta`` (``relax``'s ``step_size``).
+      tol: None runs exactly ``free_steps`` steps; else stop once ``max |dE/ds| < tol``.
+      readout: the last layer is a readout outside the energy (needs a hidden layer).
+    """
+
+    sizes: tuple[int, ...]
+    activation: str = "hard_sigmoid"
+    free_steps: int = 40
+    step_size: float = 0.5
+    tol: float | None = None
+    readout: bool = False
+
+    def __post_init__(self):
+        if len(self.sizes) < 2:
+            raise ValueError(f"hopfield: needs at least input and output sizes, got {self.sizes}")
+        for s in self.sizes:
+            if not isinstance(s, int) or isinstance(s, bool) or s <= 0:
+                raise ValueError(f"hopfield: layer sizes must be positive integers, got "
+                                 f"{self.sizes}")
+        if self.readout and len(self.sizes) < 3:
+            raise ValueError(f"hopfield: readout=True takes the last size as a readout outside "
+                             f"the energy, so it needs at least one hidden layer, got sizes "
+                             f"{self.sizes}; add a hidden size or use readout=False")
+        check_relaxation_options("hopfield", self.activation, self.free_steps, self.step_size)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.sizes) - 1
+
+    def init(self, key: PRNGKey, dtype: Any = jnp.float32) -> Params:
+        """Glorot-uniform weights (Laborieux et al. 2021 use PyTorch's uniform fan-in init;
+        Scellier & Bengio 2017 Glorot), zero biases."""
+        kinit = jax.nn.initializers.glorot_uniform()
+        keys = jax.random.split(key, self.num_layers)
+        return [{"w": kinit(k, (din, dout), dtype), "b": jnp.zeros((dout,), dtype)}
+                for k, din, dout in zip(keys, self.sizes[:-1], self.sizes[1:], strict=True)]
+
+    def zero_states(self, x: Array, dtype: Any = None) -> list[Array]:
+        """``[s_1, ..., s_L]`` (``s_{L-1}`` last with a readout) all zero, ``(batch, d_l)``
+        each: the free phase's start."""
+        dtype = x.dtype if dtype is None else dtype
+        return [jnp.zeros((x.shape[0], d), dtype) for d in self.sizes[1:1 + self.num_states]]
+
+    def prepare_input(self, x: Array) -> Array:
+        """``x`` unchanged if it is ``(batch, d_0)``, else a `ValueError` naming that shape."""
+        if x.ndim != 2 or x.shape[1] != self.sizes[0]:
+            raise ValueError(f"hopfield expects inputs of shape (batch, {self.sizes[0]}), got "
+                             f"{tuple(x.shape)}"
+                             + ("; flatten images first" if x.ndim > 2 else ""))
+        return x
+
+    def readout_input(self, r: Array) -> Array:
+        """The last state's activity as the readout's ``(batch, d_{L-1})`` input (unchanged)."""
+        return r
+
+    def energy(self, params: Params, x: Array, states: list[Array]) -> Array:
+        """``E(s)`` summed over the batch (see the class docstring); ``states`` is
+        ``[s_1, ..., s_L]`` (``num_states`` of them); a readout's params are not used."""
+        if len(params) != self.num_layers or len(states) != self.num_states:
+            raise ValueError(f"hopfield: {self.num_layers} layers and {self.num_states} states, "
+                             f"got {len(params)} param layers and {len(states)} states")
+        rhos = [x] + [self.rho(s) for s in states]
+        e = 0.5 * sum(jnp.sum(s**2) for s in states)
+        for layer, below, above in zip(params[:self.num_states], rhos[:-1], rhos[1:],
+                                       strict=True):
+            e = e - jnp.sum((below @ layer["w"]) * above) - jnp.sum(above * layer["b"])
+        return e
 
 
 def hopfield(sizes: tuple[int, ...] | list[int], activation: str = "hard_sigmoid", *,
-             free_steps: int = 40, step_size: float = 0.5,
-             tol: float | None = None) -> HopfieldNetwork:
-    """A layered Hopfield network (`HopfieldNetwork`) for equilibrium propagation.
+             free_steps: int = 40, step_size: float = 0.5, tol: float | None = None,
+             readout: bool = False) -> HopfieldNetwork:
+    """A layered Hopfield network (`HopfieldNetwork`) for equilibrium propagation (Scellier &
+    Bengio 2017, "Equilibrium propagation: bridging the gap between energy-based models and
+    backpropagation"). ``readout=True``: the last size is Laborieux et al.'s (2021) readout
+    outside the energy, for ``equilibrium_propagation(cost="cross_entropy")``.
 
     Example:
       >>> net = fbalign.models.hopfield((64, 128, 10), free_steps=40, step_size=0.5)
       >>> fbalign.train.fit(net, fbalign.rules.equilibrium_propagation(beta=0.5), opt, data,
       ...                   loss="squared_error")
     """
-    return HopfieldNetwork(tuple(sizes), activation, free_steps, step_size, tol)
+    return HopfieldNetwork(tuple(sizes), activation, free_steps, step_size, tol, readout)

@@ -27,7 +27,7 @@ from fbalign._src.base import (
     Updates,
 )
 from fbalign._src.checks import check_choice
-from fbalign._src.hopfield import HopfieldNetwork
+from fbalign._src.hopfield import EnergyNetwork
 from fbalign._src.relax import RelaxResult
 
 NUDGINGS = ("one_sided", "symmetric")
@@ -50,23 +50,50 @@ def ep_cost(cost: str, output: Array, target: Array) -> Array:
     return -jnp.sum(t * jax.nn.log_softmax(output, axis=-1))
 
 
-def require_hopfield(network: Any, rule: str = "equilibrium_propagation") -> HopfieldNetwork:
-    """Returns ``network`` if it is a `HopfieldNetwork`, else raises a `TypeError` naming
-    ``rule`` and the network it needs."""
-    if not isinstance(network, HopfieldNetwork):
-        raise TypeError(f"rule {rule!r} needs an energy-based HopfieldNetwork "
-                        f"(fbalign.models.hopfield(sizes, ...)), got "
+def require_hopfield(network: Any, rule: str = "equilibrium_propagation") -> EnergyNetwork:
+    """Returns ``network`` if it is an energy-based network (`EnergyNetwork`: a
+    `HopfieldNetwork` or a ``ConvHopfieldNetwork``), else raises a `TypeError` naming ``rule``
+    and the networks it needs."""
+    if not isinstance(network, EnergyNetwork):
+        raise TypeError(f"rule {rule!r} needs an energy-based Hopfield network "
+                        f"(fbalign.models.hopfield(sizes, ...) or "
+                        f"fbalign.models.conv_hopfield(input_shape, ...)), got "
                         f"{type(network).__name__}")
     return network
 
 
-def energy_param_grads(net: HopfieldNetwork, params: Params, x: Array,
+def require_readout_cost(network: EnergyNetwork, cost: str,
+                         rule: str = "equilibrium_propagation") -> None:
+    """Raises a `ValueError` for a readout network (``readout=True``) nudged with a cost other
+    than ``"cross_entropy"``: Laborieux et al.'s readout exists for the cross-entropy loss (their
+    code has no squared-error variant of it)."""
+    if network.readout and cost != "cross_entropy":
+        raise ValueError(f"{rule}: a network with readout=True (Laborieux et al.'s softmax "
+                         f"readout) is nudged by the cross-entropy of its logits, got "
+                         f"cost={cost!r}; use cost='cross_entropy', or a network built with "
+                         f"readout=False for cost={cost!r}")
+
+
+def energy_param_grads(net: EnergyNetwork, params: Params, x: Array,
                        states: list[Array]) -> Params:
     """``dE/dtheta`` at fixed ``states``, averaged over the batch: the local terms ``-rho(s_{l-1})^T
     rho(s_l) / B`` for ``W_l`` and ``-mean rho(s_l)`` for ``b_l``."""
     states = jax.lax.stop_gradient(states)
     g = jax.grad(lambda p: net.energy(p, x, states))(params)
     return jax.tree.map(lambda a: a / x.shape[0], g)
+
+
+def total_param_grads(net: EnergyNetwork, params: Params, x: Array, y: Array,
+                      states: list[Array], strength: Array, cost: str) -> Params:
+    """``dF/dtheta`` of the total energy ``F = E + strength * C(output, y)`` at fixed
+    ``states``, averaged over the batch. Without a readout ``C`` does not depend on the params
+    (`energy_param_grads`); with one, the readout's entry is ``strength * dC/dtheta_out``."""
+    g = energy_param_grads(net, params, x, states)
+    if not net.readout:
+        return g
+    states = jax.lax.stop_gradient(states)
+    gc = jax.grad(lambda p: ep_cost(cost, net.output(p, states), y))(params)
+    return jax.tree.map(lambda a, c: a + strength * c / x.shape[0], g, gc)
 
 
 def _validate(beta: float, nudged_steps: int, nudging: str, cost: str) -> None:
@@ -91,10 +118,12 @@ def equilibrium_propagation(
     cost: Literal["squared", "cross_entropy"] = "squared",
     tol: float | None = None,
 ) -> LearningRule:
-    r"""Equilibrium propagation (Scellier & Bengio 2017) on a `HopfieldNetwork`.
+    r"""Equilibrium propagation (Scellier & Bengio 2017) on a `HopfieldNetwork` or a
+    convolutional ``ConvHopfieldNetwork`` (Laborieux et al. 2021).
 
     1. Free phase: relax the energy ``E`` from ``s = 0`` (`relax`, ``free_steps`` steps of
-       ``step_size``) to the fixed point ``s*``; its output ``s*_L`` is the prediction.
+       ``step_size``) to the fixed point ``s*``; its output ``s*_L`` (with a readout: the
+       readout's logits at ``s*``) is the prediction.
     2. Nudged phase: from ``s*``, relax the total energy ``F = E + beta C(s_L, y)`` to
        ``s^beta`` (``nudged_steps`` steps), ``C = 1/2 ||s_L - y||^2`` (``cost="squared"``).
     3. Update, with the gradient's sign (optax descends it), averaged over the batch:
@@ -110,10 +139,22 @@ def equilibrium_propagation(
        ``O(beta^2)``. ``random_sign=True`` draws beta's sign per step from the step key
        (Laborieux et al.'s remedy for one-sided nudging's systematic bias).
 
-    ``cost="cross_entropy"`` reads ``s_L`` as logits and nudges with the softmax cross-entropy
-    (its force on ``s_L`` is ``y - softmax(s_L)``). This is *not* Laborieux et al.'s separate
-    readout layer outside the energy (which would need a parameter outside the Hopfield
-    layout); with the hard sigmoid ``s_L`` lies in ``[0, 1]``, so the logits are soft.
+    ``cost="cross_entropy"`` on a network without readout reads ``s_L`` as logits and nudges
+    with the softmax cross-entropy (its force on ``s_L`` is ``y - softmax(s_L)``); with the
+    hard sigmoid ``s_L`` lies in ``[0, 1]``, so the logits are soft.
+
+    Readout (``readout=True`` networks, Laborieux et al.'s cross-entropy setting, their
+    ``softmax=True``): the logits ``o = rho(s_last) W_out + b_out`` lie outside the energy
+    and the nudged phases relax ``F = E + beta CE(o(s), y)``, whose force reaches ``s_last``
+    through ``W_out``. The update is the same contrast applied to ``F``, whose readout term
+    depends on ``theta_out``: the energy layers get the contrastive update above, and the
+    readout ``dC/dtheta_out`` at the nudged state(s), exactly as Laborieux et al.'s code
+    (``compute_syn_grads``): one-sided ``dC/dtheta_out(s^beta)``; symmetric the mean of
+    ``dC/dtheta_out`` at ``s^{+beta}`` and ``s^{-beta}``. As ``beta -> 0`` this is the loss's
+    gradient at the free equilibrium, ``dC/dtheta_out(s*)``, which is the exact gradient there
+    (``s*`` does not depend on ``theta_out``), with the bias orders above. The readout needs
+    ``cost="cross_entropy"`` (their code pairs it with that loss only): ``"squared"`` is
+    refused.
 
     Args:
       beta: the nudging strength (non-zero; negative nudges away from the target).
@@ -136,12 +177,13 @@ def equilibrium_propagation(
     def init_fn(key: PRNGKey, params: Params, network: Any = None) -> EmptyState:
         del key, params
         if network is not None:
-            require_hopfield(network)
+            require_readout_cost(require_hopfield(network), cost)
         return EmptyState()
 
     def step_fn(params: Params, state: EmptyState, batch: Batch, key: PRNGKey,
                 context: StepContext) -> tuple[Updates, EmptyState, StepOutput]:
         net = require_hopfield(context.network)
+        require_readout_cost(net, cost)
         x, y = batch.x, batch.y
         free = net.free_phase(params, x, steps=free_steps, step_size=step_size, tol=tol)
         s_star = jax.lax.stop_gradient(free.state)
@@ -151,19 +193,20 @@ def equilibrium_propagation(
             b = b * jax.random.rademacher(key, (), dtype)
 
         def nudged(strength: Array) -> RelaxResult:
-            total = lambda s: net.energy(params, x, s) + strength * ep_cost(cost, s[-1], y)
+            total = lambda s: (net.energy(params, x, s)
+                               + strength * ep_cost(cost, net.output(params, s), y))
             return net.relax_states(total, s_star, steps=nudged_steps, step_size=step_size,
                                     tol=tol)
 
-        g = lambda s: energy_param_grads(net, params, x, s)
+        g = lambda s, strength: total_param_grads(net, params, x, y, s, strength, cost)
         plus = nudged(b)
         if nudging == "symmetric":
             minus = nudged(-b)
-            low, scale, phases = g(minus.state), 1 / (2 * b), (plus, minus)
+            low, scale, phases = g(minus.state, -b), 1 / (2 * b), (plus, minus)
         else:
-            low, scale, phases = g(s_star), 1 / b, (plus,)
-        updates = jax.tree.map(lambda hi, lo: scale * (hi - lo), g(plus.state), low)
-        out = s_star[-1]
+            low, scale, phases = g(s_star, jnp.zeros_like(b)), 1 / b, (plus,)
+        updates = jax.tree.map(lambda hi, lo: scale * (hi - lo), g(plus.state, b), low)
+        out = net.output(params, s_star)
         diverged = free.diverged
         for p in phases:
             diverged = diverged | p.diverged
