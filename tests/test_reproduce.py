@@ -143,3 +143,9 @@ def test_scellier2017_quick_budget_equilibrium_propagation_learns(tmp_path, caps
     ep = json.loads((out / "mnist-784-500-10" / "ep" / "config.json").read_text())
     assert ep["model"] == "hopfield" and ep["rule_args"]["random_sign"] is True
     assert not (out / "mnist-784-500-500-10").exists()  # quick_skip
+
+
+def test_millidge2020ar_quick_budget_activation_relaxation_learns(tmp_path, capsys):
+    out = _quick("millidge2020ar", tmp_path, capsys)
+    ar = json.loads((out / "mnist-784-300-300-100-10" / "ar" / "config.json").read_text())
+    assert ar["rule_args"] == {"steps": 100, "step_size": 0.1} and ar["lr"] == 0.1
