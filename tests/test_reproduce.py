@@ -89,6 +89,7 @@ def _quick(name, tmp_path, capsys):
     return out
 
 
+@pytest.mark.slow  # an end-to-end run: `pytest -m slow` (CI time)
 @pytest.mark.skipif(mnist_dir() is None, reason="needs ../shared/data/mnist.npz")
 def test_lillicrap2016_quick_budget_learns_and_shallow_stays_behind(tmp_path, capsys):
     _quick("lillicrap2016", tmp_path, capsys)
@@ -124,6 +125,7 @@ def test_list_and_unknown_names(capsys):
     assert "unknown recipe 'nope'; valid: " in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an end-to-end run: `pytest -m slow` (CI time)
 def test_luo2017_quick_budget_learns_with_bidirectional_feedback(tmp_path, capsys):
     out = _quick("luo2017", tmp_path, capsys)
     report = (out / "report.md").read_text()
@@ -132,6 +134,7 @@ def test_luo2017_quick_budget_learns_with_bidirectional_feedback(tmp_path, capsy
     assert bfa["rule_args"]["activation"] == "tanh"
 
 
+@pytest.mark.slow  # an end-to-end run: `pytest -m slow` (CI time)
 def test_innocenti2024_quick_budget_predictive_coding_learns(tmp_path, capsys):
     out = _quick("innocenti2024", tmp_path, capsys)
     pc = json.loads((out / "mnist-784-300-300-10" / "pc" / "config.json").read_text())
@@ -145,6 +148,7 @@ def test_scellier2017_quick_budget_equilibrium_propagation_learns(tmp_path, caps
     assert not (out / "mnist-784-500-500-10").exists()  # quick_skip
 
 
+@pytest.mark.slow  # an end-to-end run: `pytest -m slow` (CI time)
 def test_millidge2020ar_quick_budget_activation_relaxation_learns(tmp_path, capsys):
     out = _quick("millidge2020ar", tmp_path, capsys)
     ar = json.loads((out / "mnist-784-300-300-100-10" / "ar" / "config.json").read_text())

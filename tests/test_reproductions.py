@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -55,6 +56,7 @@ def test_lillicrap_mnist_fa_close_to_bp_both_beat_shallow(tmp_path):
     assert not HAVE_MPL or "| fa |" in (tmp_path / "lillicrap_mnist_quick.md").read_text()
 
 
+@pytest.mark.slow  # an end-to-end run: `pytest -m slow` (CI time)
 def test_nokland_bp_fa_dfa_all_learn(tmp_path):
     res = load("nokland_mnist").main(quick(tmp_path))
     cells = res["results"]

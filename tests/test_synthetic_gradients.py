@@ -525,6 +525,7 @@ def _bench(name):
     return mod
 
 
+@pytest.mark.slow  # an end-to-end run: `pytest -m slow` (CI time)
 def test_dni_mnist_quick(tmp_path):
     out = tmp_path / "m.md"
     res = _bench("dni_mnist").main(["--quick", "--depths", "3", "--epochs", "12",
@@ -538,6 +539,7 @@ def test_dni_mnist_quick(tmp_path):
     assert "| cDNI |" in out.read_text()
 
 
+@pytest.mark.slow  # an end-to-end run: `pytest -m slow` (CI time)
 def test_dni_copy_quick(tmp_path):
     out = tmp_path / "c.md"
     res = _bench("dni_copy").main(["--quick", "--tasks", "copy", "--truncations", "4",
