@@ -260,6 +260,151 @@ assert max(errs) < 40, errs  # every rule learns well above chance, even at the 
 ]
 
 
+NB3 = [
+    md("""
+# Adapters: a Flax CNN and an Equinox MLP, converted in one call
+
+`fbalign.flax.convert` and `fbalign.equinox.convert` switch an existing model's linear and conv
+layers to a feedback rule, keeping its weights. Here a CNN written the way Flax's own MNIST
+example writes it is converted to feedback alignment (FA; Lillicrap et al. 2016), direct
+feedback alignment (DFA; Nokland 2016), Kolen-Pollack (KP; Akrout et al. 2019) and uniform
+sign symmetry (uSF; Liao et al. 2016), one call each, and trained; then an `eqx.nn.MLP`
+the same way. `compare_to_backprop` shows how far each rule's first update is from backprop's.
+"""),
+    code("""
+import os
+
+SMALL = os.environ.get("FBALIGN_NB_SMALL", "") not in ("", "0")  # set by the tests
+STEPS = 150 if SMALL else 1500       # SGD steps of 32 digits
+"""),
+    code("""
+from functools import partial
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import fbalign as fb
+import fbalign.equinox as fe
+import fbalign.flax as ff
+
+data = fb.data.load_dataset("digits")  # 8x8 UCI digits, embedded in the package
+x_train = jnp.asarray(data.x_train).reshape(-1, 8, 8, 1)
+y_train = jnp.asarray(data.y_train)
+x_test = jnp.asarray(data.x_test).reshape(-1, 8, 8, 1)
+y_test = jnp.asarray(data.y_test)
+"""),
+    md("""
+## A Flax CNN, as Flax's MNIST example writes it
+"""),
+    code("""
+class CNN(nnx.Module):
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(1, 16, kernel_size=(3, 3), rngs=rngs)
+        self.conv2 = nnx.Conv(16, 32, kernel_size=(3, 3), rngs=rngs)
+        self.avg_pool = partial(nnx.avg_pool, window_shape=(2, 2), strides=(2, 2))
+        self.linear1 = nnx.Linear(32 * 2 * 2, 64, rngs=rngs)
+        self.linear2 = nnx.Linear(64, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.avg_pool(nnx.relu(self.conv1(x)))
+        x = self.avg_pool(nnx.relu(self.conv2(x)))
+        x = x.reshape(x.shape[0], -1)
+        x = nnx.relu(self.linear1(x))
+        return self.linear2(x)
+
+
+def loss_fn(model, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+def test_error(model):
+    predict = model.predict if isinstance(model, ff.DirectFeedbackModel) else model
+    return float(jnp.mean(jnp.argmax(predict(x_test), -1) != y_test)) * 100
+"""),
+    md("""
+One call per rule. DFA traces the model once on a sample input to find each tap's shape; KP's
+feedback learns, so its training step is `fbalign.flax.train_step` with `feedback_lr` (an
+`nnx.Optimizer` alone would leave the feedback fixed, and `convert` warns about that).
+"""),
+    code("""
+base = CNN(rngs=nnx.Rngs(0))
+models = {
+    "bp": nnx.clone(base),
+    "fa": ff.convert(base, "fa", rngs=nnx.Rngs(1)),
+    "dfa": ff.convert(base, "dfa", rngs=nnx.Rngs(1), sample_input=x_train[:2]),
+    "kp": ff.convert(base, "kp", rngs=nnx.Rngs(1)),
+    "usf": ff.convert(base, "usf", rngs=nnx.Rngs(1)),
+}
+print(ff.summary(models["fa"]))
+for name in ("fa", "dfa", "usf"):
+    print(name)
+    print(ff.compare_to_backprop(models[name], loss_fn, x_train[:256], y_train[:256]))
+"""),
+    code("""
+LR = 0.1
+
+
+@partial(nnx.jit, static_argnums=4)
+def step(model, opt, x, y, feedback_lr):
+    return ff.train_step(model, opt, loss_fn, x, y, feedback_lr=feedback_lr)
+
+
+flax_errors = {}
+for name, model in models.items():
+    opt = nnx.Optimizer(model, optax.sgd(LR), wrt=nnx.Param)  # KP: plain SGD at feedback_lr
+    for i in range(STEPS):
+        j = (i * 32) % (len(x_train) - 32)
+        loss = step(model, opt, x_train[j:j + 32], y_train[j:j + 32],
+                    LR if name == "kp" else None)
+    flax_errors[name] = test_error(model)
+print({k: f"{v:.1f}%" for k, v in flax_errors.items()})
+assert all(v < 75 for v in flax_errors.values()), flax_errors  # every rule learns (chance: 90%)
+"""),
+    md("""
+## An Equinox MLP
+
+Equinox models take one example per call and are `vmap`-ed over the batch; the converted DFA
+model gives each example its own output error under `vmap`. Fixed feedback is stored so that
+`eqx.filter(model, eqx.is_inexact_array)` never hands it to the optimizer.
+"""),
+    code("""
+mlp = eqx.nn.MLP(64, 10, 64, depth=2, activation=jax.nn.tanh, key=jax.random.key(0))
+xs_train, xs_test = x_train.reshape(-1, 64), x_test.reshape(-1, 64)
+
+
+def eqx_loss(model, x, y):
+    logits = jax.vmap(model)(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+eqx_errors = {}
+for name in ("bp", "fa", "dfa"):
+    model = mlp if name == "bp" else fe.convert(mlp, name, key=jax.random.key(1))
+    tx = optax.adam(3e-3)
+    opt_state = tx.init(eqx.filter(model, eqx.is_inexact_array))
+
+    @eqx.filter_jit
+    def eqx_step(model, opt_state, x, y):
+        loss, grads = eqx.filter_value_and_grad(eqx_loss)(model, x, y)
+        updates, opt_state = tx.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    for i in range(STEPS):
+        j = (i * 32) % (len(xs_train) - 32)
+        model, opt_state, loss = eqx_step(model, opt_state, xs_train[j:j + 32],
+                                          y_train[j:j + 32])
+    pred = jnp.argmax(jax.vmap(model)(xs_test), -1)
+    eqx_errors[name] = float(jnp.mean(pred != y_test)) * 100
+print({k: f"{v:.1f}%" for k, v in eqx_errors.items()})
+assert all(v < 75 for v in eqx_errors.values()), eqx_errors  # chance: 90%
+"""),
+]
+
+
 def build(cells) -> nbformat.NotebookNode:
     nb = new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
@@ -269,7 +414,8 @@ def build(cells) -> nbformat.NotebookNode:
 
 
 def main() -> None:
-    for name, cells in (("01_feedback_alignment.ipynb", NB1), ("02_dfa_mnist.ipynb", NB2)):
+    for name, cells in (("01_feedback_alignment.ipynb", NB1), ("02_dfa_mnist.ipynb", NB2),
+                        ("03_adapters.ipynb", NB3)):
         path = HERE / name
         nbformat.write(build(cells), path)
         print(f"wrote {path}")

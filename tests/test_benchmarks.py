@@ -50,6 +50,7 @@ def test_roofline_quick(tmp_path):
         assert f"| {rule} |" in text
 
 
+@pytest.mark.slow  # an end-to-end run: `pytest -m slow` (CI time)
 def test_ensemble_scaling_quick(tmp_path):
     text = _run("ensemble_scaling", tmp_path)
     assert "each of the 2 ensemble networks equals its separate run" in text

@@ -15,12 +15,18 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 
 def test_notebooks_are_present():
-    assert [p.name for p in NOTEBOOKS] == ["01_feedback_alignment.ipynb", "02_dfa_mnist.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_feedback_alignment.ipynb", "02_dfa_mnist.ipynb",
+                                           "03_adapters.ipynb"]
 
 
-# The MNIST notebook is an end-to-end run (slow: `pytest -m slow`); the first runs in CI.
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if "mnist" in p.stem
-                                  else p for p in NOTEBOOKS], ids=lambda p: p.stem)
+# The MNIST and adapters notebooks are end-to-end runs (slow: `pytest -m slow`); the first runs
+# in CI.
+_SLOW = ("mnist", "adapters")
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow)
+                                  if any(k in p.stem for k in _SLOW) else p
+                                  for p in NOTEBOOKS], ids=lambda p: p.stem)
 def test_notebook_executes(path, monkeypatch):
     monkeypatch.setenv("FBALIGN_NB_SMALL", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")

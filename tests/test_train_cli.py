@@ -164,6 +164,7 @@ def test_seed_ensemble_equals_separate_runs(small, rule, impl):
     assert rec["test_error_std"] == pytest.approx(np.std(rec["test_error"]))
 
 
+@pytest.mark.slow  # an end-to-end run: `pytest -m slow` (CI time)
 def test_ensemble_impl_choice_and_lenet_loop_equals_single_steps():
     """auto: a loop over networks for conv nets on CPU, vmap for dense nets; a LeNet-5
     ensemble step of either impl gives every network its own single step."""
