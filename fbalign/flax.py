@@ -11,9 +11,11 @@ linear layers (``nnx.Linear``, ``nnx.Conv``, ``nnx.LinearGeneral``, ``nnx.Einsum
 subclasses) to a rule in one call, the direct-feedback rules of `DFA_RULES` included (a
 `DirectFeedbackModel`); `summary` lists what a conversion changed and left alone;
 `compare_to_backprop` measures each kernel's update against backprop's (norm ratio, angle).
-Stored feedback defaults to the kernel's own scale (`draw_feedback`; `fan_out_feedback_init` is
+Stored feedback defaults to the kernel's own scale (`kernel_feedback`; `fan_out_feedback_init` is
 the core's variance-preserving alternative).
-Linen: `LinenDense`, `LinenConv`, `LinenDFATap`, with feedback in the ``"feedback"`` collection.
+Linen: `LinenDense`, `LinenConv`, `LinenDFATap`, with feedback in the ``"feedback"`` collection,
+and `linen_train_step` (the pure Linen counterpart of `train_step`: it also steps Kolen-Pollack's
+``"feedback"`` kernels).
 """
 
 from fbalign._src.flax_adapters import (
@@ -35,10 +37,11 @@ from fbalign._src.flax_adapters import (
     dfa_carrier,
     dfa_hidden,
     dfa_output,
-    draw_feedback,
     fan_out_feedback_init,
     feedback_grads,
+    kernel_feedback,
     learning_feedback_layers,
+    linen_train_step,
     shared_feedback,
     sign_feedback,
     summary,
@@ -62,13 +65,14 @@ __all__ = [
     "LinenDense",
     "compare_to_backprop",
     "convert",
-    "draw_feedback",
+    "kernel_feedback",
     "fan_out_feedback_init",
     "dfa_carrier",
     "dfa_hidden",
     "dfa_output",
     "feedback_grads",
     "learning_feedback_layers",
+    "linen_train_step",
     "shared_feedback",
     "sign_feedback",
     "summary",

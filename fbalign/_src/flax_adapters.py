@@ -36,6 +36,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import linen as nn
 from flax import nnx
 from flax.errors import InvalidRngError
@@ -74,7 +75,7 @@ default_kernel_init = jax.nn.initializers.lecun_normal()
 fan_out_feedback_init = jax.nn.initializers.variance_scaling(1.0, "fan_out", "normal")
 
 
-def draw_feedback(init: Initializer | None, key: Array, kernel: Array) -> Array:
+def kernel_feedback(init: Initializer | None, key: Array, kernel: Array) -> Array:
     """``B`` for ``kernel``: ``init(key, kernel.shape, kernel.dtype)``, or, with ``init=None``
     (the adapters' default), `matched_feedback`: entries of the kernel's own scale, so that the
     errors a converted layer sends down start at backprop's magnitude."""
@@ -266,7 +267,7 @@ class _FeedbackLayer(nnx.Module):
             nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
         )
         self.feedback = (
-            Feedback(draw_feedback(feedback_init, rngs.params(), self.kernel[...]))
+            Feedback(kernel_feedback(feedback_init, rngs.params(), self.kernel[...]))
             if self.rule in _STORES_FEEDBACK
             else None
         )
@@ -1010,7 +1011,7 @@ def _swap_op(layer: Any, rule: str, rngs: nnx.Rngs, feedback_init, sign_scale,
     layer.sign_scale = sign_scale
     layer.magnitude_distribution = magnitude_distribution
     layer.rng_collection = rng_collection
-    fb = (Feedback(draw_feedback(feedback_init, rngs.params(), kernel))
+    fb = (Feedback(kernel_feedback(feedback_init, rngs.params(), kernel))
           if layer.rule in _STORES_FEEDBACK else None)
     _set(layer, "feedback", fb)
     _set(layer, "feedback_rngs",
@@ -1356,7 +1357,7 @@ def _linen_feedback(module: nn.Module, rule: str, kernel: Array, init) -> Array 
     if rule not in _STORES_FEEDBACK:
         return None
     var = module.variable(
-        "feedback", "kernel", lambda: draw_feedback(init, module.make_rng("params"), kernel)
+        "feedback", "kernel", lambda: kernel_feedback(init, module.make_rng("params"), kernel)
     )
     return var.value
 
@@ -1488,3 +1489,94 @@ class LinenDFATap(nn.Module):
 dfa_carrier = P.dfa_carrier
 dfa_hidden = P.dfa_hidden
 dfa_output = P.dfa_output
+
+
+def _linen_learners(found: list[tuple[tuple[str, ...], str]]):
+    """A ``linen.intercept_methods`` interceptor that records ``(path, rule)`` of every
+    `LinenDense`/`LinenConv` called whose feedback learns (`LEARNING_FEEDBACK`)."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if (isinstance(module, (LinenDense, LinenConv)) and context.method_name == "__call__"
+                and module.rule in LEARNING_FEEDBACK):
+            found.append((tuple(module.path), module.rule))
+        return next_fun(*args, **kwargs)
+
+    return interceptor
+
+
+def _feedback_at(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def linen_train_step(
+    loss_fn: Callable[..., Array],
+    variables: dict[str, Any],
+    opt_state: optax.OptState,
+    tx: optax.GradientTransformation,
+    *args: Any,
+    feedback_lr: float | None = None,
+    feedback_weight_decay: float = 0.0,
+    **kwargs: Any,
+) -> tuple[dict[str, Any], optax.OptState, Array]:
+    r"""One training step of a Linen model with feedback layers (pure; jit it).
+
+    ``loss_fn(variables, *args, **kwargs)`` returns the scalar loss (it calls
+    ``model.apply(variables, ...)``). The ``"params"`` collection steps by ``tx`` with
+    ``d loss / d params``; the ``"feedback"`` kernel of every `LinenDense`/`LinenConv` whose
+    rule learns it (`LEARNING_FEEDBACK`: Kolen-Pollack's ``B`` receives ``W``'s cotangent,
+    Akrout et al. 2019) steps from the same backward pass,
+
+    .. math:: B \leftarrow (1 - \eta\lambda) B - \eta\, g_B,
+
+    with ``\eta`` = ``feedback_lr`` and ``\lambda`` = ``feedback_weight_decay``; fixed feedback
+    (fa, frsf, DFA taps) and every other collection are returned unchanged. The Linen
+    counterpart of `train_step`: ``jax.grad`` over ``variables["params"]`` alone never moves a
+    ``"feedback"`` variable, so a Kolen-Pollack model would silently train as FA. For KP's
+    guarantee (``W - B`` shrinking by ``1 - \eta\lambda`` a step) ``tx`` must be plain SGD at
+    ``feedback_lr`` with the same decay. The learning layers are found while ``loss_fn`` is
+    traced (``linen.intercept_methods``), so nothing runs twice.
+
+    Returns:
+      ``(new_variables, new_opt_state, loss)``.
+
+    Raises:
+      ValueError: the model has learning feedback and ``feedback_lr`` is None (named layers),
+        or ``variables`` has no ``"params"``.
+    """
+    if "params" not in variables:
+        raise ValueError(f"linen_train_step: variables has no 'params' collection (got "
+                         f"{', '.join(variables) or 'nothing'}); pass model.init(...)'s output")
+    feedback = variables.get("feedback", {})
+
+    def loss_of(params, fb):
+        return loss_fn({**variables, "params": params, "feedback": fb}, *args, **kwargs)
+
+    found: list[tuple[tuple[str, ...], str]] = []
+    with nn.intercept_methods(_linen_learners(found)):
+        loss, (g_params, g_feedback) = jax.value_and_grad(loss_of, argnums=(0, 1))(
+            variables["params"], feedback)
+    learners = dict(found)
+    if learners and feedback_lr is None:
+        names = ", ".join("/".join(p) or "<model>" for p in learners)
+        raise ValueError(
+            f"linen_train_step: layers {names} learn their feedback (rules "
+            f"{', '.join(sorted(set(learners.values())))}); pass feedback_lr= (Kolen-Pollack: "
+            "the optimizer's SGD rate) so that their 'feedback' kernels are updated")
+    updates, opt_state = tx.update(g_params, opt_state, variables["params"])
+    params = optax.apply_updates(variables["params"], updates)
+    new_feedback = jax.tree.map(lambda b: b, feedback)  # a copy whose dicts we may replace
+    for path in learners:
+        b = _feedback_at(feedback, path)["kernel"]
+        g = _feedback_at(g_feedback, path)["kernel"]
+        node = new_feedback
+        for key in path:
+            node[key] = dict(node[key])
+            node = node[key]
+        node["kernel"] = (1.0 - feedback_lr * feedback_weight_decay) * b - feedback_lr * g
+    out = {**variables, "params": params}
+    if "feedback" in variables:
+        out["feedback"] = new_feedback
+    return out, opt_state, loss
