@@ -153,3 +153,10 @@ def test_millidge2020ar_quick_budget_activation_relaxation_learns(tmp_path, caps
     out = _quick("millidge2020ar", tmp_path, capsys)
     ar = json.loads((out / "mnist-784-300-300-100-10" / "ar" / "config.json").read_text())
     assert ar["rule_args"] == {"steps": 100, "step_size": 0.1} and ar["lr"] == 0.1
+
+
+@pytest.mark.slow  # an end-to-end run (about a minute): `pytest -m slow`
+def test_kunin2020_quick_budget_learned_feedback_beats_fa(tmp_path, capsys):
+    out = _quick("kunin2020", tmp_path, capsys)
+    ia = json.loads((out / "mnist-4x256-relu" / "ia" / "config.json").read_text())
+    assert ia["rule_args"] == {"source": "noise"}
