@@ -138,6 +138,7 @@ from fbalign._src.rules.kolen_pollack import (  # noqa: E402
     kolen_pollack,
     weight_mirror,
 )
+from fbalign._src.rules.pal import PALState, phaseless_alignment  # noqa: E402
 from fbalign._src.rules.random_backprop import (  # noqa: E402
     RandomBackpropState,
     adaptive_random_backprop,
@@ -183,6 +184,8 @@ __all__ += [
     "target_output",
     "usf",
     "weight_mirror",
+    "PALState",
+    "phaseless_alignment",
 ]
 
 # Multi-device, seed-sharded and multi-host training (issue 5).

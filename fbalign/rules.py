@@ -173,6 +173,14 @@ from fbalign._src.rules.kolen_pollack import (  # noqa: E402
     mirror_step,
     weight_mirror,
 )
+from fbalign._src.rules.pal import (  # noqa: E402
+    PALConstants,
+    PALState,
+    pal_dynamics,
+    pal_gain,
+    pal_increments,
+    phaseless_alignment,
+)
 from fbalign._src.rules.random_backprop import (  # noqa: E402
     RandomBackpropState,
     adaptive_random_backprop,
@@ -201,6 +209,8 @@ __all__ += [
     "BidirectionalFeedbackAlignmentState",
     "DirectRandomTargetProjectionState",
     "KolenPollackState",
+    "PALConstants",
+    "PALState",
     "RandomBackpropState",
     "SignSymmetryState",
     "WeightMirrorState",
@@ -218,6 +228,10 @@ __all__ += [
     "mirror_op_step",
     "mirror_step",
     "nonzeros_per_unit",
+    "pal_dynamics",
+    "pal_gain",
+    "pal_increments",
+    "phaseless_alignment",
     "quantize",
     "quantized_random_backprop",
     "random_backprop",

@@ -33,6 +33,7 @@ STATES = (
     "BidirectionalFeedbackAlignmentState",
     "BidirectionalDirectFeedbackAlignmentState",
     "DirectRandomTargetProjectionState",
+    "PALState",
 )
 
 

@@ -25,7 +25,7 @@ CTX = StepContext(MODEL, fb.cross_entropy)
 TAPE_RULES = [n for n in fb.RULES if isinstance(fb.get_rule(n), fb.TapeRule)]
 # Explicit forms stated for dense layers only (dynamic inversion has a jax.grad form, which runs
 # on LeNet-5; its explicit form inverts dense layers).
-DENSE_ONLY = ["bfa", "dni", "cdni", "dyninv"]
+DENSE_ONLY = ["bfa", "dni", "cdni", "dyninv", "pal"]
 BOTH_FORMS = [n for n in TAPE_RULES if fb.rules.has_grad_form(n) and n not in DENSE_ONLY]
 
 

@@ -32,6 +32,7 @@ from fbalign._src.rules.learned_feedback import (
 from fbalign._src.rules.local_forward_gradient import local_forward_gradient
 from fbalign._src.rules.local_losses import local_error_signals
 from fbalign._src.rules.msa import extended_msa
+from fbalign._src.rules.pal import phaseless_alignment
 from fbalign._src.rules.pepita import pepita
 from fbalign._src.rules.predictive_coding import predictive_coding
 from fbalign._src.rules.random_backprop import (
@@ -113,6 +114,8 @@ RULES: dict[str, RuleSpec] = {
     "aa": RuleSpec(activation_alignment,
                    "activation alignment (amp + sparse), Kunin et al. 2020", stateful=True),
     "dyninv": RuleSpec(dynamic_inversion, "dynamic inversion, Podlaski & Machens 2020"),
+    "pal": RuleSpec(phaseless_alignment,
+                    "phaseless alignment learning (PAL), Max et al. 2024", stateful=True),
     # Rules with a step of their own (LearningRule): no tape, no jax.grad form.
     "fg": RuleSpec(forward_gradient, "forward gradient (weight perturbation), Baydin et al. 2022"),
     # Energy-based and relaxation rules (issue 13).
