@@ -138,6 +138,7 @@ from fbalign._src.rules.kolen_pollack import (  # noqa: E402
     kolen_pollack,
     weight_mirror,
 )
+from fbalign._src.rules.modular_dfa import ModularDFAState, hybrid_dfa, modular_dfa  # noqa: E402
 from fbalign._src.rules.pal import PALState, phaseless_alignment  # noqa: E402
 from fbalign._src.rules.random_backprop import (  # noqa: E402
     RandomBackpropState,
@@ -186,6 +187,9 @@ __all__ += [
     "weight_mirror",
     "PALState",
     "phaseless_alignment",
+    "ModularDFAState",
+    "hybrid_dfa",
+    "modular_dfa",
 ]
 
 # Multi-device, seed-sharded and multi-host training (issue 5).

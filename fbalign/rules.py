@@ -173,6 +173,16 @@ from fbalign._src.rules.kolen_pollack import (  # noqa: E402
     mirror_step,
     weight_mirror,
 )
+from fbalign._src.rules.modular_dfa import (  # noqa: E402
+    ModularDFAState,
+    ModularFeedback,
+    bp_partition,
+    dilated_error,
+    grouped_op,
+    hybrid_dfa,
+    modular_dfa,
+    module_sizes,
+)
 from fbalign._src.rules.pal import (  # noqa: E402
     PALConstants,
     PALState,
@@ -209,6 +219,8 @@ __all__ += [
     "BidirectionalFeedbackAlignmentState",
     "DirectRandomTargetProjectionState",
     "KolenPollackState",
+    "ModularDFAState",
+    "ModularFeedback",
     "PALConstants",
     "PALState",
     "RandomBackpropState",
@@ -227,6 +239,12 @@ __all__ += [
     "kolen_pollack",
     "mirror_op_step",
     "mirror_step",
+    "bp_partition",
+    "dilated_error",
+    "grouped_op",
+    "hybrid_dfa",
+    "modular_dfa",
+    "module_sizes",
     "nonzeros_per_unit",
     "pal_dynamics",
     "pal_gain",

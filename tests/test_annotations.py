@@ -34,6 +34,7 @@ STATES = (
     "BidirectionalDirectFeedbackAlignmentState",
     "DirectRandomTargetProjectionState",
     "PALState",
+    "ModularDFAState",
 )
 
 

@@ -163,7 +163,7 @@ LEGACY_MODES = {
 }
 # Rules added after the mode strings went: their grad form is held to their explicit form in
 # their own test files (and in test_fa_family's grad == explicit check).
-NEWER_GRAD_RULES = {"ia", "sa", "aa", "dyninv", "pal"}
+NEWER_GRAD_RULES = {"ia", "sa", "aa", "dyninv", "pal", "mdfa", "hdfa"}
 GRAD_RULES = sorted(n for n, s in fb.RULES.items()
                     if isinstance(s.make(), fb.TapeRule) and s.make().backward is not None
                     and n not in NEWER_GRAD_RULES)

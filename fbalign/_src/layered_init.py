@@ -44,14 +44,16 @@ def layered_rule_state(rule: TapeRule, key: PRNGKey, params: Params, n_out: int,
     cout)`` matrix, reshaped back in the state.
     """
     dtype = params[0]["w"].dtype
+    if "feature_shapes" in inspect.signature(rule.init).parameters:
+        # The rule draws map-shaped feedback itself (DFA, modular DFA: whose layer 0 may hold
+        # no feedback, so the DFA-like probe below would not recognise it).
+        return rule.init(key, params, feature_shapes=tuple(map(tuple, feature_shapes)))
     try:
         probe = jax.eval_shape(rule.init, key, params)
     except Exception:  # an init written for 2-D weights only
         probe = None
     if probe is not None and not dfa_like(probe, n_out):
         return rule.init(key, params)
-    if probe is not None and "feature_shapes" in inspect.signature(rule.init).parameters:
-        return rule.init(key, params, feature_shapes=tuple(map(tuple, feature_shapes)))
     if probe is not None:
         widths = [math.prod(s) for s in feature_shapes]
         stand_in = [{"w": jnp.zeros((1, n), dtype), "b": jnp.zeros((n,), dtype)} for n in widths]

@@ -31,6 +31,7 @@ from fbalign._src.rules.learned_feedback import (
 )
 from fbalign._src.rules.local_forward_gradient import local_forward_gradient
 from fbalign._src.rules.local_losses import local_error_signals
+from fbalign._src.rules.modular_dfa import hybrid_dfa, modular_dfa
 from fbalign._src.rules.msa import extended_msa
 from fbalign._src.rules.pal import phaseless_alignment
 from fbalign._src.rules.pepita import pepita
@@ -114,6 +115,10 @@ RULES: dict[str, RuleSpec] = {
     "aa": RuleSpec(activation_alignment,
                    "activation alignment (amp + sparse), Kunin et al. 2020", stateful=True),
     "dyninv": RuleSpec(dynamic_inversion, "dynamic inversion, Podlaski & Machens 2020"),
+    "mdfa": RuleSpec(modular_dfa, "modular DFA: DFA between modules, backprop inside (dilated, "
+                                  "sparse, grouped feedback options), Han et al. 2020"),
+    "hdfa": RuleSpec(hybrid_dfa, "hybrid DFA: named layers learn by backprop from the layer "
+                                 "above, the rest by DFA, Han et al. 2020"),
     "pal": RuleSpec(phaseless_alignment,
                     "phaseless alignment learning (PAL), Max et al. 2024", stateful=True),
     # Rules with a step of their own (LearningRule): no tape, no jax.grad form.
