@@ -1,6 +1,7 @@
 """Training harness: jitted train steps for any rule, an epoch loop, evaluation."""
 
 from fbalign._src.lift import FORMS
+from fbalign._src.sweep import fit
 from fbalign._src.train import (
     ENSEMBLE_IMPLS,
     NONFINITE_MODES,
@@ -10,7 +11,6 @@ from fbalign._src.train import (
     compute_updates,
     ensemble_step,
     evaluate,
-    fit,
     init_rule_state,
     init_train_state,
     make_epoch_runner,

@@ -176,3 +176,35 @@ def test_cli_writes_results_and_summary(tmp_path):
     bad = parser.parse_args(["sweep", "--grid", "lr", "--out", str(tmp_path / "b")])
     with pytest.raises(ValueError, match="NAME=V1,V2"):  # a UsageError: fbalign exits 2
         bad.func(bad)
+
+
+def test_fit_with_grid_trains_the_sweep_and_each_configuration_equals_its_single_run():
+    """`fbalign.train.fit(..., grid=...)` (issue 20 item 1): a ready-made optimizer with seed and
+    feedback-scale axes; configuration i equals fit(seed=..., rule_kwargs={scale: ...})."""
+    grid = {"seed": [0, 3], "feedback_scale": [0.5, 1.5]}
+    with jax.default_matmul_precision("highest"):
+        res = fit(MODEL, "fa", optax.sgd(0.1), DATA, grid=grid, epochs=EPOCHS,
+                  batch_size=BATCH, progress=False)
+        assert res.configs == grid_configs(grid) and res.programs == 1
+        c = res.configs[2]
+        assert c == {"seed": 3, "feedback_scale": 0.5}
+        _assert_same_run(res, 2, _single("fa", optax.sgd(0.1), c, scale=0.5))
+        # a learning-rate axis takes the optimizer as a factory
+        lrs = fit(MODEL, "bp", optax.sgd, DATA, grid={"lr": [0.05, 0.3]}, epochs=EPOCHS,
+                  batch_size=BATCH, progress=False)
+        _assert_same_run(lrs, 1, _single("bp", optax.sgd(0.3), {}))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"optimizer": optax.sgd(0.1), "grid": {"lr": [0.1, 0.2]}}, "pass a name"),
+    ({"optimizer": "sgd", "grid": {"seed": [0, 1]}}, "must have an 'lr' axis"),
+    ({"optimizer": optax.sgd(0.1), "grid": {"seed": [0]}, "seeds": 2}, "seeds=2.*'seed' axis"),
+    ({"optimizer": optax.sgd(0.1), "grid": {"seed": [0]}, "on_nonfinite": "skip"},
+     "on_nonfinite must be"),
+    ({"optimizer": optax.sgd(0.1), "grid": {"seed": [0]}, "out_dir": "x"}, "out_dir='x'"),
+    ({"optimizer": "sgd"}, "takes an optax transformation"),
+])
+def test_fit_with_grid_refuses_what_a_grid_run_cannot_do(kwargs, match):
+    optimizer = kwargs.pop("optimizer")
+    with pytest.raises((ValueError, TypeError), match=match):
+        fit(MODEL, "fa", optimizer, DATA, epochs=1, batch_size=BATCH, progress=False, **kwargs)

@@ -49,6 +49,7 @@ from fbalign._src.registry import RULES
 from fbalign._src.rule_args import UsageError, check_rule_builds, parse_rule_args, rule_options
 from fbalign._src.runner import ensemble_step
 from fbalign._src.train import (
+    FitResult,
     TrainState,
     evaluate_batches,
     init_train_state,
@@ -58,6 +59,9 @@ from fbalign._src.train import (
     make_train_step,
     output_width,
     resolve_ensemble_impl,
+)
+from fbalign._src.train import (
+    fit as single_fit,
 )
 from fbalign._src.wrap import is_seeded
 
@@ -858,3 +862,70 @@ def _write_outputs(out: Path, args: argparse.Namespace, result: SweepResult, los
     text = (f"# Sweep: {args.rule} on {args.dataset}\n\n" + "\n".join(notes) + "\n\n"
             + result.table() + "\n")
     (out / "summary.md").write_text(text)
+
+
+# The `fit` options a grid run has no counterpart for, with their defaults: any other value is
+# refused (naming the option) instead of being ignored.
+_FIT_ONLY = {"seeds": None, "probe_fn": None, "probe_every": 0, "out_dir": None, "state": None,
+             "checkpoint_every": None, "checkpoint_dir": None, "resume": False, "devices": None,
+             "max_skips": 100, "precision": "float32", "log_every": 50}
+
+
+def fit(model: Any, rule: Any,
+        optimizer: optax.GradientTransformation | str | Callable[..., optax.GradientTransformation],
+        data: Dataset, *, grid: Mapping[str, Sequence[float]] | None = None,
+        **options: Any) -> FitResult | SweepResult:
+    """`fbalign._src.train.fit`, or with ``grid=`` a `sweep` of the same run (issue 20).
+
+    Without ``grid`` this is ``fit(model, rule, optimizer, data, **options)`` unchanged (see
+    there for the options). With ``grid`` (axis -> values: ``seed``, ``lr``,
+    ``feedback_scale`` and any numeric option of the rule, as in `sweep`) every configuration
+    trains in one compiled program and equals its own single ``fit`` run; the result is a
+    `SweepResult` (per-configuration histories, final states, ``table()``, ``plot()``).
+
+    ``optimizer`` is the transformation every configuration uses, or, when ``lr`` is an axis,
+    a name (``"sgd"``, ``"adam"``, ``"rmsprop"``) or a factory taking ``learning_rate``
+    (``optax.sgd``) whose rate the grid sets. ``loss``, ``epochs``, ``batch_size``, ``seed``,
+    ``form``, ``rule_kwargs``, ``progress`` and ``ensemble_impl`` carry over. A grid run checks
+    no values per step: ``on_nonfinite`` must be ``"stop"`` (the default, read as "report":
+    a diverging configuration ends with ``finite: false`` in its records) or None. The options
+    that have no grid counterpart (``seeds``: use a ``seed`` axis; checkpoints, probes,
+    ``out_dir``, ``state``, ``devices``, ``precision``, ``log_every``) are refused by name.
+
+    Raises:
+      ValueError: as `sweep`, an option without a grid counterpart, or an ``lr`` axis with a
+        ready-made optimizer transformation.
+    """
+    if grid is None:
+        if not isinstance(optimizer, optax.GradientTransformation):
+            raise TypeError("fit without grid= takes an optax transformation (optax.sgd(0.1)), "
+                            f"got {type(optimizer).__name__}; a name or factory is for grid=")
+        return single_fit(model, rule, optimizer, data, **options)
+    bad = [f"{k}={v!r}" for k, v in options.items() if k in _FIT_ONLY and v != _FIT_ONLY[k]]
+    if bad:
+        raise ValueError(f"fit(grid=...) cannot also take {', '.join(bad)}: a grid run has no "
+                         "counterpart (seeds: add a 'seed' axis to the grid)")
+    nonfinite = options.pop("on_nonfinite", "stop")
+    if nonfinite not in ("stop", None):
+        raise ValueError(f"fit(grid=...) checks no values per step: on_nonfinite must be "
+                         f"'stop' or None, got {nonfinite!r} (a diverging configuration ends "
+                         "with finite: false in SweepResult.records)")
+    known = {"loss", "epochs", "batch_size", "seed", "form", "rule_kwargs", "progress",
+             "ensemble_impl"}
+    unknown = sorted(set(options) - known - set(_FIT_ONLY))
+    if unknown:
+        raise TypeError(f"fit() got unexpected option(s) {', '.join(unknown)}")
+    if isinstance(optimizer, optax.GradientTransformation):
+        if "lr" in grid:
+            raise ValueError("grid axis 'lr' sets the optimizer's learning rate: pass a name "
+                             "('sgd', 'adam', 'rmsprop') or a factory (optax.sgd) instead of a "
+                             "ready-made transformation")
+        fixed = optimizer
+        optimizer = lambda learning_rate: fixed  # noqa: E731 (the rate is not swept)
+    elif "lr" not in grid:
+        raise ValueError("with an optimizer name or factory, the grid must have an 'lr' axis "
+                         "(or pass a transformation such as optax.sgd(0.1))")
+    kwargs = {k: v for k, v in options.items() if k in known}
+    impl = kwargs.pop("ensemble_impl", "auto")
+    kwargs["progress"] = bool(kwargs.get("progress", True))
+    return sweep(model, rule, data, grid=grid, optimizer=optimizer, impl=impl, **kwargs)
