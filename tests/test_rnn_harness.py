@@ -127,3 +127,29 @@ def test_cli_trains_model_rnn_and_refuses_other_rules(tmp_path, capsys):
         assert main(["train", "--model", "rnn", "--epochs", "1", "--out",
                      str(tmp_path / "x"), *argv]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_sparse_direct_feedback_on_the_rnn_is_dfa_through_a_sparse_matrix():
+    """Han et al. 2020's RNN case ("sparse backward weight ... in a form of sparse matrix
+    multiplication"): sparse SRBP (skip=True) with k nonzeros per hidden unit gives the RNN one
+    (dout, H) feedback matrix with exactly k nonzeros in each hidden unit's column, and its step
+    is the RNN's DFA step through that matrix (zeros included) at every time step."""
+    model = fb.rnn(3, 8, 4)
+    params = model.init(jax.random.PRNGKey(0))
+    xs = jax.random.normal(jax.random.PRNGKey(1), (4, 5, 3))
+    ys = jax.random.normal(jax.random.PRNGKey(2), (4, 5, 4))
+    from fbalign.rules import DirectFeedbackAlignmentState, sparse_random_backprop
+
+    for k in (1, 2):
+        rule = sparse_random_backprop(skip=True, nonzeros=k)
+        state = model.init_rule_state(rule, jax.random.PRNGKey(3), params)
+        b = np.asarray(state.feedback["h"])
+        assert b.shape == (4, 8) and ((b != 0).sum(axis=0) == k).all()
+        ctx = StepContext(model, fb.squared_error)
+        got = as_learning_rule(rule, "grad").step(params, state, Batch(xs, ys), None, ctx)[0]
+        want = _rnn_step("dfa", DirectFeedbackAlignmentState(state.feedback), params, model,
+                         xs, ys)
+        assert_trees_close(got, want, 1e-5, 1e-6)
+        dense = _rnn_step("dfa", DirectFeedbackAlignmentState(
+            {"h": jax.random.normal(jax.random.PRNGKey(3), b.shape)}), params, model, xs, ys)
+        assert not np.allclose(got["w_in"], dense["w_in"])
