@@ -160,3 +160,11 @@ def test_kunin2020_quick_budget_learned_feedback_beats_fa(tmp_path, capsys):
     out = _quick("kunin2020", tmp_path, capsys)
     ia = json.loads((out / "mnist-4x256-relu" / "ia" / "config.json").read_text())
     assert ia["rule_args"] == {"source": "noise"}
+
+
+@pytest.mark.slow  # an end-to-end LeNet-5 run (about two minutes): `pytest -m slow`
+@pytest.mark.skipif(mnist_dir() is None, reason="needs ../shared/data/mnist.npz")
+def test_han2020_quick_budget_modular_and_hybrid_dfa_beat_dfa(tmp_path, capsys):
+    out = _quick("han2020", tmp_path, capsys)
+    mdfa = json.loads((out / "mnist-lenet" / "mdfa" / "config.json").read_text())
+    assert mdfa["rule_args"] == {"modules": [2, 3]}
