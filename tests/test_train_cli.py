@@ -120,6 +120,9 @@ def test_cli_rejects_bad_names_listing_valid_ones(flag, value, msg, capsys):
     # explicit forms stated for dense layers only, refused on LeNet-5 before any data is read
     (["--rule", "bfa", "--model", "lenet5"], "explicit form is stated for dense layers"),
     (["--rule", "dni", "--model", "lenet5"], "dni's explicit form is stated for dense layers"),
+    # a rule's option that cannot apply to LeNet-5 (no conv map is a module top): a usage error
+    (["--rule", "mdfa", "--rule-arg", "dilation=2", "--model", "lenet5"],
+     "--rule mdfa on --model lenet5: dilation=2 sparsifies"),
     (["--rule", "cdni", "--model", "lenet5"], "convolutional synthesizers"),
 ])
 def test_cli_refuses_rules_without_a_usable_grad_form(argv, msg, capsys, tmp_path):

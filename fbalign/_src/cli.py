@@ -510,6 +510,8 @@ def _check_explicit_on_lenet(rule: str, rule_kwargs: dict) -> None:
         jax.eval_shape(one_update, jax.random.PRNGKey(0))
     except NotImplementedError as err:
         raise UsageError(str(err)) from None
+    except ValueError as err:  # the rule refuses this network with these options
+        raise UsageError(f"--rule {rule} on --model lenet5: {err}") from None
 
 
 def _check_devices(args) -> int | None:
