@@ -166,8 +166,8 @@ def test_the_output_primitive_cannot_be_forgotten():
 
 class Mixed(nnx.Module):
     """Layers convert used to skip: a LoRALinear (an nnx.Linear subclass), a user subclass,
-    LinearGeneral, Einsum, attention, plus a ConvTranspose and a standalone LoRA it cannot
-    convert."""
+    LinearGeneral, Einsum, attention, a ConvTranspose, plus a circular-padded ConvTranspose and
+    a standalone LoRA it cannot convert."""
 
     def __init__(self, rngs):
         self.lora = nnx.LoRALinear(4, 6, lora_rank=2, b_initializer=nnx.initializers.normal(),
@@ -175,7 +175,8 @@ class Mixed(nnx.Module):
         self.general = nnx.LinearGeneral(6, (2, 3), rngs=rngs)
         self.einsum = nnx.Einsum("btd,dk->btk", (3, 4), (4,), rngs=rngs)
         self.attn = nnx.MultiHeadAttention(2, 4, qkv_features=4, decode=False, rngs=rngs)
-        self.convt = nnx.ConvTranspose(4, 2, (2,), rngs=rngs)
+        self.convt = nnx.ConvTranspose(4, 3, (2,), strides=2, padding=((1, 0),), rngs=rngs)
+        self.circ = nnx.ConvTranspose(3, 2, (2,), padding="CIRCULAR", rngs=rngs)
         self.side = nnx.LoRA(2, 1, 2, b_initializer=nnx.initializers.normal(), rngs=rngs)
 
     def __call__(self, x):
@@ -183,7 +184,7 @@ class Mixed(nnx.Module):
         h = jnp.tanh(self.general(h))            # (b, 2, 3)
         h = jnp.tanh(self.einsum(h))             # (b, 2, 4)
         h = self.attn(h)                          # (b, 2, 4)
-        return self.side(self.convt(h)).sum(1)   # (b, 2)
+        return self.side(self.circ(self.convt(h))).sum(1)   # (b, 2)
 
 
 def test_convert_reaches_subclasses_general_layers_and_attention_and_warns_on_the_rest():
@@ -192,15 +193,29 @@ def test_convert_reaches_subclasses_general_layers_and_attention_and_warns_on_th
     with pytest.warns(UserWarning) as record:
         model = ff.convert(original, "fa", _rngs(11))
     message = " ".join(str(w.message) for w in record)
-    assert "convt (ConvTranspose" in message and "side (LoRA" in message
+    assert "circ (ConvTranspose with CIRCULAR" in message and "side (LoRA" in message
     assert "lora/lora (LoRA" in message  # LoRALinear's low-rank branch stays backprop
-    assert "general" not in message and "attn" not in message and "Norm" not in message
+    assert "general" not in message and "attn" not in message and "convt" not in message
     np.testing.assert_allclose(model(x), original(x), rtol=1e-5, atol=1e-6)
     s = ff.summary(model)
     converted = {p for p, _, what in s.converted if what == "rule fa"}
     assert converted == {"lora", "general", "einsum", "attn/query", "attn/key", "attn/value",
-                         "attn/out"}
-    assert {p for p, _, _ in s.left_alone} == {"lora/lora", "convt", "side"}
+                         "attn/out", "convt"}
+    assert {p for p, _, _ in s.left_alone} == {"lora/lora", "circ", "side"}
+
+    # The transposed conv: its kernel's ordinary gradient, its input's error through B (the
+    # VJP of lax.conv_transpose with B in W's place), the forward unchanged.
+    ct = model.convt
+    xt, gt = _rand(15, (3, 2, 4), (3, 3, 3))
+    conv_t = lambda x, w: jax.lax.conv_transpose(  # noqa: E731
+        x, w, (2,), ((1, 0),), rhs_dilation=(1,))
+    np.testing.assert_allclose(ct(xt), conv_t(xt, ct.kernel[...]) + ct.bias[...], rtol=1e-5,
+                               atol=1e-6)
+    got = nnx.grad(lambda m, x: jnp.sum(m(x) * gt), argnums=(0, 1))(ct, xt)
+    gw = jax.vjp(lambda w: conv_t(xt, w), ct.kernel[...])[1](gt)[0]
+    gx = jax.vjp(lambda x: conv_t(x, ct.feedback[...]), xt)[1](gt)[0]
+    assert_trees_close((got[0]["kernel"][...], got[1]), (gw, gx), 1e-5, 1e-6)
+    assert not np.allclose(gx, jax.vjp(lambda x: conv_t(x, ct.kernel[...]), xt)[1](gt)[0])
 
     # Each converted layer equals the core feedback op on its own weights and feedback.
     lo = model.lora

@@ -706,6 +706,54 @@ def _feedback_einsum(layer, fn, spec, x, w, precision=None, **kwargs):
     return layer._feedback_backward(w).linear(_KERNEL, op, x, w)
 
 
+@functools.cache
+def _conv_transpose_op(strides: tuple, padding: Any, kernel_dilation: tuple,
+                       transpose_kernel: bool, precision: Any, preferred: Any):
+    def op(x: Array, w: Array) -> Array:
+        return jax.lax.conv_transpose(x, w, strides, padding, rhs_dilation=kernel_dilation,
+                                      transpose_kernel=transpose_kernel, precision=precision,
+                                      preferred_element_type=preferred)
+
+    return op
+
+
+def _spatial(value: Any, n: int) -> tuple[int, ...]:
+    """A per-spatial-axis option of a conv layer as a tuple (flax broadcasts an int or None)."""
+    if value is None:
+        return (1,) * n
+    return (value,) * n if isinstance(value, int) else tuple(value)
+
+
+def _transpose_padding(padding: Any, n: int) -> Any:
+    """``nnx.ConvTranspose``'s ``padding`` as ``lax.conv_transpose`` takes it."""
+    if isinstance(padding, str):
+        return padding
+    if isinstance(padding, int):
+        return ((padding, padding),) * n
+    return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+
+
+def _feedback_conv_transpose_call(self, inputs: Array) -> Array:
+    """``nnx.ConvTranspose.__call__`` whose ``lax.conv_transpose`` is the rule's feedback op:
+    the same forward (mask, dtype promotion, precision, bias, any leading batch axes), the
+    kernel's ordinary gradient, and the input's error through ``B`` (`Backward.linear`)."""
+    n = len(self.kernel_size)
+    lead = inputs.shape[:inputs.ndim - (n + 1)]
+    x = inputs.reshape((-1, *inputs.shape[len(lead):]))
+    kernel = self.kernel[...]
+    if self.mask is not None:
+        kernel = kernel * self.mask
+    bias = self.bias[...] if self.bias is not None else None
+    x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+    op = _conv_transpose_op(_spatial(self.strides, n), _transpose_padding(self.padding, n),
+                            _spatial(self.kernel_dilation, n), self.transpose_kernel,
+                            _hashable(self.precision), self.preferred_element_type)
+    y = self._feedback_backward(kernel).linear(_KERNEL, op, x, kernel)
+    if self.use_bias:
+        y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+    return y.reshape((*lead, *y.shape[1:]))
+
+
 _OP_ATTRS = ((nnx.Einsum, "einsum_op", _feedback_einsum),
              (nnx.Conv, "conv_general_dilated", _feedback_conv_general),
              (nnx.LinearGeneral, "dot_general", _feedback_dot_general),
@@ -748,13 +796,19 @@ def _base_class(cls: type) -> type:
 
 @functools.cache
 def _feedback_class(base: type) -> type:
-    attr, impl = next((a, f) for c, a, f in _OP_ATTRS if issubclass(base, c))
     # No mixin base and no __slots__: the class must keep flax's layout, as `convert` assigns
     # it to existing instances (``__class__``).
-    ns = {attr: _op_property(attr, impl), "_fbalign_base": base, "__module__": __name__,
-          "_feedback_backward": _feedback_backward, "_fbalign_feedback_op": True,
-          "__doc__": f"``{base.__qualname__}`` whose ``{attr}`` is a feedback rule's op "
-                     "(made by `fbalign.flax.convert`)."}
+    ns = {"_fbalign_base": base, "__module__": __name__,
+          "_feedback_backward": _feedback_backward, "_fbalign_feedback_op": True}
+    if issubclass(base, nnx.ConvTranspose):  # it calls lax.conv_transpose, not an attribute
+        ns["__call__"] = _feedback_conv_transpose_call
+        ns["__doc__"] = (f"``{base.__qualname__}`` whose transposed convolution is a feedback "
+                         "rule's op (made by `fbalign.flax.convert`).")
+    else:
+        attr, impl = next((a, f) for c, a, f in _OP_ATTRS if issubclass(base, c))
+        ns[attr] = _op_property(attr, impl)
+        ns["__doc__"] = (f"``{base.__qualname__}`` whose ``{attr}`` is a feedback rule's op "
+                         "(made by `fbalign.flax.convert`).")
     return types.new_class(f"Feedback{base.__name__}", (base,), {},
                            lambda d: d.update(ns))
 
@@ -953,6 +1007,8 @@ def _converted_kind(m: Any) -> str | None:
     if isinstance(m, (Linear, Conv)):
         return "ff"
     base = _base_class(type(m))
+    if issubclass(base, nnx.ConvTranspose):
+        return None if m.padding == "CIRCULAR" else "flax"
     if any(issubclass(base, c) for c, _, _ in _OP_ATTRS):
         if isinstance(m, nnx.LinearGeneral) and m.dot_general_cls is not None:
             return None
@@ -972,7 +1028,7 @@ def _left_alone_reason(m: Any) -> tuple[str, bool] | None:
     if isinstance(m, nnx.LinearGeneral):
         return "LinearGeneral with dot_general_cls (no op convert can swap)", True
     if isinstance(m, nnx.ConvTranspose):
-        return "ConvTranspose (calls lax.conv_transpose directly: no feedback form)", True
+        return "ConvTranspose with CIRCULAR padding (no feedback form)", True
     if isinstance(m, nnx.LoRA):
         return "LoRA branch x @ A @ B (no feedback form)", True
     if not heavy:
@@ -1158,15 +1214,18 @@ def convert(
 ) -> nnx.Module:
     """Converts every linear layer of ``model`` to ``rule`` in one call; the forward is unchanged.
 
-    Layers converted: ``nnx.Linear``, ``nnx.Conv``, ``nnx.LinearGeneral`` (so every
-    ``nnx.MultiHeadAttention`` projection), ``nnx.Einsum``, their subclasses (``nnx.LoRALinear``:
+    Layers converted: ``nnx.Linear``, ``nnx.Conv``, ``nnx.ConvTranspose`` (its transposed
+    convolution through the feedback; not with ``padding="CIRCULAR"``), ``nnx.LinearGeneral``
+    (so every ``nnx.MultiHeadAttention`` projection), ``nnx.Einsum``, their subclasses
+    (``nnx.LoRALinear``:
     its base kernel; the low-rank branch stays backprop) and this module's `Linear`/`Conv`
     (switched to the new rule). A plain ``nnx.Linear``/``nnx.Conv`` becomes a `Linear`/`Conv`;
     any other layer keeps its class's forward, with its op (``dot_general``,
     ``conv_general_dilated``, ``einsum_op``) replaced by the rule's feedback op (the einsum one
     is `fbalign.ops.fa_einsum`'s). ``dtype``, ``param_dtype`` and ``precision`` are kept, and
     the feedback is cast to the compute dtype. Anything else holding a weight matrix or kernel
-    (``nnx.ConvTranspose``, LoRA branches, unknown layers) is left as backprop with a warning
+    (a circular-padded ``nnx.ConvTranspose``, LoRA branches, unknown layers) is left as
+    backprop with a warning
     naming each path; `summary` lists what was converted and what was left alone.
 
     Rules of `RULES` (``"fa"``, ``"kp"``, ``"sign"``/``"usf"``, ``"frsf"``, ``"brsf"``, ``"bp"``)
