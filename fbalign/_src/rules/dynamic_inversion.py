@@ -186,7 +186,13 @@ def dynamic_inversion(
     expanding layer ``B^\top W`` is singular and it fails. ``init`` checks it once on the
     initial weights and feedback and warns (`RuntimeWarning` naming the layer and the max real
     part; also when the Euler steps ``dt`` diverge although the flow is stable);
-    `check_stability` reports it for any params and state.
+    `check_stability` reports it for any params and state. The check runs once, at init: as
+    training grows ``W``, the eigenvalues of ``B^\top W`` grow and a ``dt`` stable at init can
+    leave the Euler map's stable region while the flow stays stable (measured on the
+    podlaski2020 recipe, 784-1000-10 tanh on MNIST: modulus 23 after 15 epochs, Euler spectral
+    radius 4.2 at ``dt = 0.2``, inverted errors 6e4x backprop's and test error 10.6% -> 48% in
+    the second epoch). For long runs pass a smaller ``dt`` with more ``steps`` (the recipe:
+    0.05 and 100) and call `check_stability` on the trained params.
 
     Args:
       alpha: ``\alpha >= 0``, the controller's leak. The default 3 keeps random Gaussian
