@@ -35,6 +35,11 @@ class DynamicInversionState(NamedTuple):
     alpha: Array
 
 
+# `invert` reports a diverged Euler iteration (NaN) when its last increment is this many times
+# its first: a converging iteration's increments shrink, a diverging one's grow geometrically.
+DIVERGED = 10.0
+
+
 def _matmul(x: Array, w: Array) -> Array:
     return x @ w
 
@@ -59,8 +64,15 @@ def invert(delta: Array, w: Array, b: Array, alpha: float, steps: int, dt: float
     B)`` at ``u`` and ``\delta h W`` is ``op(\delta h, W)`` (then pass ``x``, the layer input,
     for the shapes).
 
+    When the Euler map ``I - dt (\alpha I + B^\top W)`` has spectral radius above 1 (the flow
+    may still be stable: ``W`` grew during training, ``dt`` did not shrink), the iteration
+    diverges geometrically. That is detected from the last increment of ``u`` being more than
+    `DIVERGED` times the first, and the result is then NaN, so a training run stops at its
+    non-finite check instead of applying inverted errors thousands of times backprop's.
+
     Returns:
-      ``\delta h = u_T B^\top``, shaped like the layer's input.
+      ``\delta h = u_T B^\top``, shaped like the layer's input (NaN when the Euler iteration
+      diverged: lower ``dt``, with more ``steps``).
     """
     if op is _matmul:
         back = lambda u: u @ b.T  # noqa: E731
@@ -72,10 +84,13 @@ def invert(delta: Array, w: Array, b: Array, alpha: float, steps: int, dt: float
         fwd = lambda h: op(h, w)  # noqa: E731
 
     def body(u, _):
-        return u + dt * (-alpha * u + delta - fwd(back(u))), None
+        step = dt * (-alpha * u + delta - fwd(back(u)))
+        return u + step, jnp.sum(step * step)
 
-    u, _ = jax.lax.scan(body, jnp.zeros_like(delta), None, length=steps)
-    return back(u)
+    u, sizes = jax.lax.scan(body, jnp.zeros_like(delta), None, length=steps)
+    diverged = sizes[-1] > DIVERGED**2 * sizes[0]
+    out = back(u)
+    return jnp.where(diverged, jnp.asarray(jnp.nan, out.dtype), out)
 
 
 def check_stability(params: Params, state: DynamicInversionState,
@@ -191,8 +206,10 @@ def dynamic_inversion(
     leave the Euler map's stable region while the flow stays stable (measured on the
     podlaski2020 recipe, 784-1000-10 tanh on MNIST: modulus 23 after 15 epochs, Euler spectral
     radius 4.2 at ``dt = 0.2``, inverted errors 6e4x backprop's and test error 10.6% -> 48% in
-    the second epoch). For long runs pass a smaller ``dt`` with more ``steps`` (the recipe:
-    0.05 and 100) and call `check_stability` on the trained params.
+    the second epoch). `invert` now detects such a diverging iteration and returns NaN, so a
+    run stops at the harness's non-finite check (the cause: ``dt`` too large for the grown
+    ``W``) instead of training on garbage. For long runs pass a smaller ``dt`` with more
+    ``steps`` (the recipe: 0.05 and 100) and call `check_stability` on the trained params.
 
     Args:
       alpha: ``\alpha >= 0``, the controller's leak. The default 3 keeps random Gaussian
