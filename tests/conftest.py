@@ -76,3 +76,28 @@ def key():
 def _no_network(monkeypatch):
     """Nothing may download at test time: the data loader runs offline in every test."""
     monkeypatch.setenv("FBALIGN_OFFLINE", "1")
+
+
+def quick_reproduction(name: str, tmp_path: Path, capsys) -> Path:
+    """Runs recipe ``name`` at its quick budget (``fbalign reproduce``) and checks that its
+    claims hold and that the report puts the paper's number (where it has one) beside ours for
+    every rule; returns the output directory."""
+    import re
+
+    from fbalign._src.reproduce import budget_rules, check_claims, recipes, results
+    from fbalign.cli import main
+
+    out = tmp_path / name
+    assert main(["reproduce", name, "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    report = (out / "report.md").read_text()
+    for exp in recipes()[name]["experiment"]:
+        assert check_claims(exp, results(out, exp, "quick")) == [], (name, exp["name"])
+        for rule in budget_rules(exp, "quick"):  # the paper's number beside ours
+            paper = exp.get("paper", {}).get(rule)
+            row = next(line for line in report.splitlines() if line.startswith(f"| `{rule}` |")
+                       and (paper is None
+                            or re.search(rf"\| {paper}( \+- [\d.]+)? \|", line)))
+            assert re.search(r"\| \d+(\.\d+)?(e-?\d+)? \+- ", row), row
+    assert "Quick-budget checks: all hold." in report
+    return out

@@ -5,19 +5,16 @@ resumes."""
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 from conftest import mnist_dir
+from conftest import quick_reproduction as _quick
 
 import fbalign._src.cli as cli
 from fbalign._src.reproduce import (
     RecipeError,
-    budget_rules,
-    check_claims,
     load_recipe,
     recipes,
-    results,
 )
 from fbalign.cli import main
 
@@ -68,25 +65,6 @@ def test_a_recipe_naming_an_unknown_option_or_a_bad_value_is_refused_when_loaded
     load_recipe(_write(tmp_path, GOOD))  # the unchanged recipe loads
     with pytest.raises(RecipeError, match=msg):
         load_recipe(_write(tmp_path, GOOD.replace(*change)))
-
-
-def _quick(name, tmp_path, capsys):
-    out = tmp_path / name
-    assert main(["reproduce", name, "--out", str(out), "--no-progress"]) == 0
-    capsys.readouterr()
-    recipe = recipes()[name]
-    report = (out / "report.md").read_text()
-    for exp in recipe["experiment"]:
-        res = results(out, exp, "quick")
-        assert check_claims(exp, res) == [], (name, exp["name"])
-        for rule in budget_rules(exp, "quick"):  # the paper's number beside ours
-            paper = exp.get("paper", {}).get(rule)
-            row = next(line for line in report.splitlines() if line.startswith(f"| `{rule}` |")
-                       and (paper is None
-                            or re.search(rf"\| {paper}( \+- [\d.]+)? \|", line)))
-            assert re.search(r"\| \d+(\.\d+)?(e-?\d+)? \+- ", row), row
-    assert "Quick-budget checks: all hold." in report
-    return out
 
 
 @pytest.mark.slow  # an end-to-end run: `pytest -m slow` (CI time)

@@ -6,31 +6,25 @@ the output layer alone."""
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
+from conftest import quick_reproduction as shared_quick
 
-from fbalign._src.reproduce import budget_rules, check_claims, recipes, results
-from fbalign.cli import main
+from fbalign._src.reproduce import budget_rules, recipes
 
 pytest.importorskip("matplotlib")
 
 
 def quick_reproduction(name, tmp_path, capsys):
-    """Runs recipe ``name`` at its quick budget; checks its claims and that the report puts the
-    paper's number (if any) beside ours for every rule; returns the output directory."""
-    out = tmp_path / name
-    assert main(["reproduce", name, "--out", str(out), "--no-progress"]) == 0
-    capsys.readouterr()
+    """`conftest.quick_reproduction`, and: neither paper's numbers could be read, so every
+    rule's row says "not reported" beside ours."""
+    out = shared_quick(name, tmp_path, capsys)
     report = (out / "report.md").read_text()
     for exp in recipes()[name]["experiment"]:
-        assert check_claims(exp, results(out, exp, "quick")) == [], (name, exp["name"])
         for rule in budget_rules(exp, "quick"):
-            paper = exp.get("paper", {}).get(rule)
+            assert exp.get("paper", {}).get(rule) is None
             row = next(line for line in report.splitlines() if line.startswith(f"| `{rule}` |"))
-            assert (paper is None and "| not reported |" in row) or f"| {paper}" in row, row
-            assert re.search(r"\| \d+(\.\d+)? \+- ", row), row
-    assert "Quick-budget checks: all hold." in report
+            assert "| not reported |" in row, row
     return out
 
 

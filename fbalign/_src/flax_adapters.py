@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
-from flax import nnx
+from flax import nnx, traverse_util
+from flax.core import unfreeze
 from flax.errors import InvalidRngError
 from flax.nnx.nn.dtypes import promote_dtype
 
@@ -1564,12 +1565,6 @@ def _linen_learners(found: list[tuple[tuple[str, ...], str]]):
     return interceptor
 
 
-def _feedback_at(tree: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 def linen_train_step(
     loss_fn: Callable[..., Array],
     variables: dict[str, Any],
@@ -1626,15 +1621,13 @@ def linen_train_step(
             "the optimizer's SGD rate) so that their 'feedback' kernels are updated")
     updates, opt_state = tx.update(g_params, opt_state, variables["params"])
     params = optax.apply_updates(variables["params"], updates)
-    new_feedback = jax.tree.map(lambda b: b, feedback)  # a copy whose dicts we may replace
+    flat = traverse_util.flatten_dict(unfreeze(feedback))
+    grads = traverse_util.flatten_dict(unfreeze(g_feedback))
+    keep = 1.0 - feedback_lr * feedback_weight_decay if learners else 1.0
     for path in learners:
-        b = _feedback_at(feedback, path)["kernel"]
-        g = _feedback_at(g_feedback, path)["kernel"]
-        node = new_feedback
-        for key in path:
-            node[key] = dict(node[key])
-            node = node[key]
-        node["kernel"] = (1.0 - feedback_lr * feedback_weight_decay) * b - feedback_lr * g
+        key = (*path, "kernel")
+        flat[key] = keep * flat[key] - feedback_lr * grads[key]
+    new_feedback = traverse_util.unflatten_dict(flat)
     out = {**variables, "params": params}
     if "feedback" in variables:
         out["feedback"] = new_feedback

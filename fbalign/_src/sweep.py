@@ -896,8 +896,9 @@ def fit(model: Any, rule: Any,
       ValueError: as `sweep`, an option without a grid counterpart, or an ``lr`` axis with a
         ready-made optimizer transformation.
     """
+    ready = hasattr(optimizer, "init") and hasattr(optimizer, "update")  # optax.MultiSteps too
     if grid is None:
-        if not isinstance(optimizer, optax.GradientTransformation):
+        if not ready:
             raise TypeError("fit without grid= takes an optax transformation (optax.sgd(0.1)), "
                             f"got {type(optimizer).__name__}; a name or factory is for grid=")
         return single_fit(model, rule, optimizer, data, **options)
@@ -915,7 +916,7 @@ def fit(model: Any, rule: Any,
     unknown = sorted(set(options) - known - set(_FIT_ONLY))
     if unknown:
         raise TypeError(f"fit() got unexpected option(s) {', '.join(unknown)}")
-    if isinstance(optimizer, optax.GradientTransformation):
+    if ready:
         if "lr" in grid:
             raise ValueError("grid axis 'lr' sets the optimizer's learning rate: pass a name "
                              "('sgd', 'adam', 'rmsprop') or a factory (optax.sgd) instead of a "

@@ -83,12 +83,15 @@ def invert(delta: Array, w: Array, b: Array, alpha: float, steps: int, dt: float
         back = lambda u: jax.vjp(lambda x_: op(x_, b), x)[1](u)[0]  # noqa: E731
         fwd = lambda h: op(h, w)  # noqa: E731
 
-    def body(u, _):
+    def body(carry, _):
+        u, _ = carry
         step = dt * (-alpha * u + delta - fwd(back(u)))
-        return u + step, jnp.sum(step * step)
+        return (u + step, step), None
 
-    u, sizes = jax.lax.scan(body, jnp.zeros_like(delta), None, length=steps)
-    diverged = sizes[-1] > DIVERGED**2 * sizes[0]
+    # the first increment is dt * delta (u_0 = 0); only the last one is carried out
+    (u, last), _ = jax.lax.scan(body, (jnp.zeros_like(delta), jnp.zeros_like(delta)), None,
+                                length=steps)
+    diverged = jnp.sum(last * last) > DIVERGED**2 * dt**2 * jnp.sum(delta * delta)
     out = back(u)
     return jnp.where(diverged, jnp.asarray(jnp.nan, out.dtype), out)
 
