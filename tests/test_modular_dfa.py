@@ -11,11 +11,13 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import assert_trees_close
 from jax import lax
 
 import fbalign as fb
+from fbalign._src.metrics import feedback_kind, make_alignment_probe, rule_deltas
 from fbalign._src.rules.modular_dfa import (
     bp_partition,
     dilated_error,
@@ -26,6 +28,7 @@ from fbalign._src.rules.modular_dfa import (
 )
 from fbalign.models import Conv, Dense, Flatten, MaxPool, sequential
 from fbalign.rules import random_backprop
+from fbalign.train import init_train_state
 
 SIZES = (5, 7, 6, 4, 3)  # a 4-layer MLP
 # A LeNet-like net on 12x12 inputs: conv(4) pool conv(6) pool flatten fc5 fc4 out3.
@@ -479,3 +482,37 @@ def test_bad_options_are_refused():
     state = init(modular_dfa((2, 1, 1, 1), groups=2), cparams, feature_shapes=shapes)
     with pytest.raises(ValueError, match=r"groups=None .* kernels at \[1\], expected at \[\]"):
         jax.eval_shape(modular_dfa((2, 1, 1, 1)).update, cparams, state, tape, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Alignment probes
+
+
+def test_probes_compare_module_tops_with_dfa_and_backprop_inside_modules():
+    """The probe reads modular DFA's module-top feedback like DFA's (angle of ``B_l`` to
+    ``P_l^T``, the DFA criterion) and reports no angle for the layers inside a module; the
+    per-example deltas behind the criterion are the rule's own (backprop inside a module)."""
+    model = fb.mlp((6, 8, 7, 5, 4), "tanh")
+    rule = modular_dfa((2, 2))  # tops: layer 1 (hidden) and 3 (the output)
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, 16))
+    st = init_train_state(model, rule, optax.sgd(0.1), jax.random.PRNGKey(0))
+    assert feedback_kind(rule, st.params, st.rule_state) == "dfa"
+    m = make_alignment_probe(model, rule, "cross_entropy", x, y)(st)
+    assert [k for k in m if k.startswith("feedback_angle")] == ["feedback_angle_l1"]
+    w = [np.asarray(p["w"], np.float64) for p in st.params]
+    b1 = np.asarray(st.rule_state.feedback[1], np.float64)
+    p1 = w[2] @ w[3]  # the weights downstream of hidden layer 1
+    cos = np.sum(b1 * p1.T) / np.linalg.norm(b1) / np.linalg.norm(p1)
+    assert float(m["feedback_angle_l1"]) == pytest.approx(np.degrees(np.arccos(cos)), abs=1e-2)
+    out, tape = model.forward(st.params, x)
+    err = jax.grad(lambda o: fb.cross_entropy(o, y))(out)
+    e = np.asarray(err * tape.derivs[-1], np.float64)
+    want = np.mean([(en @ p1.T) @ (en @ b1) > 0 for en in e])
+    assert float(m["criterion_l1"]) == pytest.approx(want)
+    ups, _ = rule.update(st.params, st.rule_state, tape, err)
+    deltas = rule_deltas(st.params, st.rule_state.feedback, "dfa", tape, err)
+    for i in range(4):  # layers 0 and 2 are inside modules: backprop from the layer above
+        np.testing.assert_allclose(tape.inputs[i].T @ deltas[i], ups[i]["w"], rtol=1e-4,
+                                   atol=1e-6)

@@ -218,15 +218,19 @@ def rule_deltas(
     """The per-example errors ``delta_l`` the rule computes at each layer's pre-activation.
 
     FA/sign: ``delta_{l-1} = (delta_l B_l^T) * f'(a_{l-1})``; DFA: ``delta_l = (e B_l) *
-    f'(a_l)``; both start from ``delta_{L-1} = error * f'(a_{L-1})``.
+    f'(a_l)`` for a layer with feedback and backprop's ``(delta_{l+1} W_{l+1}^T) * f'(a_l)``
+    for one without (inside a module of modular DFA); both start from ``delta_{L-1} = error *
+    f'(a_{L-1})``.
     """
     pairs = {i: b for i, b, _ in feedback_matrices(params, feedback, kind)}
     n = len(params)
     deltas: list[Array] = [None] * n  # type: ignore[list-item]
     deltas[-1] = error * tape.derivs[-1]
     for i in range(n - 1, 0, -1):
-        if kind == "dfa":
+        if kind == "dfa" and i - 1 in pairs:
             deltas[i - 1] = (deltas[-1] @ pairs[i - 1]) * tape.derivs[i - 1]
+        elif kind == "dfa":  # no tap (inside a modular-DFA module): backprop from above
+            deltas[i - 1] = (deltas[i] @ params[i]["w"].T) * tape.derivs[i - 1]
         else:
             deltas[i - 1] = (deltas[i] @ pairs[i].T) * tape.derivs[i - 1]
     return deltas
@@ -266,6 +270,22 @@ def feedback_metrics(
 # The probe for `fit`
 
 
+def _backward(rule_obj: TapeRule | None, feedback: Any) -> Any:
+    """The rule's `Backward` for ``feedback`` (None for a rule without one). One stand-in label:
+    rules whose backward reads the targets (DRTP, BDFA) build it too."""
+    if rule_obj is None or rule_obj.backward is None or feedback is None:
+        return None
+    return rule_obj.backward(feedback, jnp.zeros((1,), jnp.int32))
+
+
+def layer_feedback(rule: TapeRule | None, feedback: Any) -> Any:
+    """The per-layer feedback matrices of ``feedback`` (`fbalign.rules.rule_feedback`) as the
+    rule's `Backward` holds them: modular DFA's rule feedback also carries grouped kernels,
+    its Backward's ``feedback`` is the per-layer ``B_l`` (None inside modules) that
+    `feedback_metrics` compares; any other rule's is ``feedback`` itself."""
+    return getattr(_backward(rule, feedback), "feedback", feedback)
+
+
 def feedback_kind(
     rule: TapeRule | str, params: Params, rule_state: Any, feedback: Any = None
 ) -> str | None:
@@ -283,11 +303,12 @@ def feedback_kind(
     if feedback is None:
         feedback = (rule_feedback(rule_obj, params, rule_state) if rule_obj is not None
                     else getattr(rule_state, "feedback", None))
+    backward = _backward(rule_obj, feedback)
+    feedback = getattr(backward, "feedback", feedback)
     if feedback is None or not _is_dense(params) or len(feedback) != len(params):
         return None
-    if rule_obj is not None and rule_obj.backward is not None:
-        # one stand-in label: rules whose backward reads the targets (DRTP, BDFA) build it too
-        return rule_obj.backward(feedback, jnp.zeros((1,), jnp.int32)).kind
+    if backward is not None:
+        return backward.kind
     ws = [p["w"] for p in params]
     fb = list(feedback)
     if len(ws) < 2:
@@ -360,6 +381,7 @@ def make_alignment_probe(
         feedback = (rule_feedback(tape_rule, params, rule_state) if tape_rule is not None
                     else None)
         k = feedback_kind(rule, params, rule_state, feedback) if kind == "auto" else kind
+        feedback = layer_feedback(tape_rule, feedback)
         tape = err = None
         if explicit:  # keep the tape and error: the Lillicrap criterion reads them
             out, tape = model.forward(params, x)

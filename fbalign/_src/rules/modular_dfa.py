@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -229,7 +229,8 @@ class ModularFeedback(DirectFeedback):
     kernels: Sequence[Array | None] = ()
     groups: int | None = None
     dilation: int = 1
-    kind: ClassVar[str | None] = None  # neither FA's nor DFA's layout: no feedback metrics
+    # kind "dfa" (DirectFeedback's): the probes compare each module top's B_l with P_l^T as for
+    # DFA; a layer inside a module has no B_l and gets backprop's delta (`rule_deltas`)
 
     def linear(self, i: Any, op: LinearOp, x: Array, w: Array) -> Array:
         k = self.kernels[i] if self.kernels else None
