@@ -268,6 +268,7 @@ from fbalign._src.rules.altmin import AltMinState, alternating_minimization  # n
 from fbalign._src.rules.dynamic_inversion import (  # noqa: E402
     DynamicInversionState,
     InversionFeedback,
+    auto_dt,
     check_stability,
     dynamic_inversion,
     invert,
@@ -330,6 +331,7 @@ __all__ += [
     "LearnedFeedbackState",
     "RegularizedFeedback",
     "activation_alignment",
+    "auto_dt",
     "check_stability",
     "extended_msa",
     "kickback",
