@@ -189,6 +189,8 @@ from fbalign._src.rules.pal import (  # noqa: E402
     pal_dynamics,
     pal_gain,
     pal_increments,
+    pal_low_pass,
+    pal_row_slopes,
     phaseless_alignment,
 )
 from fbalign._src.rules.random_backprop import (  # noqa: E402
@@ -249,6 +251,8 @@ __all__ += [
     "pal_dynamics",
     "pal_gain",
     "pal_increments",
+    "pal_low_pass",
+    "pal_row_slopes",
     "phaseless_alignment",
     "quantize",
     "quantized_random_backprop",
