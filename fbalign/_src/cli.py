@@ -26,8 +26,8 @@ OPTIMIZERS = ("sgd", "adam", "rmsprop", "rprop", "signsgd", "signum")
 MODELS = ("mlp", "lenet5", "rnn", "hopfield")
 # Rules that need one kind of network, and the rules a network other than an MLP trains with.
 _RULE_MODELS = {"ep": ("hopfield",), "pc": ("mlp",), "ar": ("mlp", "lenet5"),
-                "lsig": ("mlp", "lenet5"),
-                **{r: ("mlp",) for r in ("tp", "dtp", "drl", "ddtp", "ldrl", "ff",
+                **{r: ("mlp", "lenet5") for r in ("lsig", "tp", "dtp", "drl", "ldrl")},
+                **{r: ("mlp",) for r in ("ddtp", "ff",
                                          "hsic", "pepita", "lfg", "altmin", "admm", "emsa",
                                          "kickback")}}
 # What a rule needs of the run where the command line does not say: option -> value.

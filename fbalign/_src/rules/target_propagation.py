@@ -52,6 +52,20 @@ stops on the non-finite updates that diverging targets cause, and its message na
 flags: the highest layer is where the divergence began, as targets flow down).
 ``diagnostics=False`` drops ``angle_l`` (and the extra ``recon_l`` evaluation at
 ``feedback_steps=0``) to save the backward pass.
+
+**Conv chains.** ``tp``, ``dtp``, ``drl`` and ``ldrl`` also train `fbalign.models.sequential`
+chains of Conv and Dense layers with MaxPool, AvgPool and Flatten between them, and
+`fbalign.models.lenet5` (`fbalign._src.rules.target_propagation_conv`). There layer ``l`` is a
+*block*, its weight layer with its activation and the pooling after it (the Flatten before a
+dense layer belongs to that layer's block, so targets are reshaped at the boundary), and the
+map ``g_l`` inverts the block as Ernoult et al.'s (2022) code does: ``g_l(y) =
+\mathrm{reshape}(T_{V_l}(\phi_l(U_l(y))) + c_l)``, ``U_l`` un-pooling (max pooling: to the
+forward pass's maxima), ``\phi_l`` the block's own activation (or ``inverse_activation``),
+``T_V`` the transpose of the block's convolution (a transposed convolution) or dense map with
+``V_l`` (``W_l``'s shape) in ``W_l``'s place. Targets, losses and updates are the equations
+above with these blocks and maps (the squared norms summed over every axis of an example);
+the updates are ``\partial\mathcal L_l/\partial(W_l, b_l)`` through the block, pooling
+included. ``ddtp``'s direct maps stay dense-only. Residual networks are refused.
 """
 
 from __future__ import annotations
@@ -74,15 +88,31 @@ from fbalign._src.base import (
     StepOutput,
     Updates,
 )
-from fbalign._src.models import require_mlp
+from fbalign._src.models import MLP, require_mlp
+from fbalign._src.rules.target_propagation_conv import (
+    Chain,
+    block_forward,
+    block_vjp,
+    chain_activity_grads,
+    chain_forward,
+    chain_forward_from,
+    chain_inverse,
+    chain_ldrl_loss,
+    chain_reconstruction_loss,
+    chain_updates,
+    conv_chain,
+    init_chain_inverse,
+    sqnorm_mean,
+)
 
 Activation = Callable[[Array], Array]
 InverseFn = Callable[[int, Array], Array]
 
 FEEDBACK_OPTIMIZERS = ("adam", "sgd")
 DDTP_FEEDBACK = ("nonlinear", "linear")
-_WHY = ("its targets and feedback maps are stated for dense layers h_l = f(h_{l-1} W_l + b_l); "
-        "build the network with fbalign.models.mlp")
+_WHY_DDTP = ("its direct maps run from the output to every hidden layer as dense matrices; on "
+             "fbalign.models.sequential chains and lenet5 use dtp, drl, ldrl or tp, whose maps "
+             "invert one block at a time")
 
 
 class TargetPropState(NamedTuple):
@@ -92,7 +122,9 @@ class TargetPropState(NamedTuple):
       inverses: one dict per feedback map, ``{"w": V, "b": c}`` (``{"w": Q}`` for DDTP-linear).
         For ``tp``/``dtp``/``drl``/``ldrl`` entry ``j`` is ``g_{j+2}``, mapping ``h_{j+2}`` to
         ``h_{j+1}`` (``V`` of shape ``(n_{j+2}, n_{j+1})``); for ``ddtp`` it maps the output
-        ``h_L`` to hidden layer ``j+1`` (``(n_L, n_{j+1})``).
+        ``h_L`` to hidden layer ``j+1`` (``(n_L, n_{j+1})``). On a conv chain ``V`` has the
+        shape of the block's kernel ``W_{j+2}`` (HWIO, or ``(d_in, d_out)``) and ``c`` one
+        entry per input channel (unit) of that block.
       opt_state: the feedback optimiser's state, one per map.
     """
 
@@ -263,187 +295,358 @@ def _per_map(value: Any, n: int, rule: str, option: str) -> tuple:
 # --------------------------------------------------------------------------------------------
 
 
+class _Config(NamedTuple):
+    """A rule's options, closed over by its ``init`` and ``step``."""
+
+    name: str
+    targets: str
+    feedback_loss: str
+    eta: float
+    tx: Any
+    feedback_steps: Any
+    noise: Any
+    inverse_activation: str | None
+    diagnostics: bool
+    last_hidden_by_gradient: bool
+    drl_lambda: float
+    linear_feedback: bool
+
+
+def _maps_of(cfg: _Config, network: Any) -> tuple[int, tuple[int, ...], tuple[float, ...],
+                                                   Chain | None]:
+    """``(L, feedback steps per map, noise per map, chain)``; ``chain`` is None for an MLP."""
+    chain = None
+    if isinstance(network, MLP):
+        n_layers, got = network.num_layers, f"sizes {network.sizes}"
+    elif cfg.targets == "ddtp":
+        require_mlp(network, cfg.name, _WHY_DDTP)  # raises: not an MLP
+    else:
+        chain = conv_chain(network, cfg.name)
+        n_layers, got = chain.num_layers, f"kernel shapes {[b.w_shape for b in chain.blocks]}"
+    if n_layers < 2:
+        raise ValueError(f"rule {cfg.name!r} needs at least one hidden layer (targets are "
+                         f"propagated to hidden layers); got {got}")
+    steps = _per_map(cfg.feedback_steps, n_layers - 1, cfg.name, "feedback_steps")
+    sig = tuple(float(s) for s in _per_map(cfg.noise, n_layers - 1, cfg.name, "noise"))
+    return n_layers, steps, sig, chain
+
+
+LossJ = Callable[[int, dict[str, Array], Sequence[dict[str, Array]], Array], Array]
+
+
+def _train_maps(loss_j: LossJ, inverses: Sequence[dict[str, Array]], opts: Sequence[Any],
+                steps: Sequence[int], tx: Any, dtype: Any
+                ) -> tuple[list[dict[str, Array]], list[Any], list[Array | None]]:
+    """``steps[j]`` descent steps of ``loss_j(j, g_j, inverses, iteration)`` for every map,
+    maps grouped by their number of iterations (one loop per group); returns the new maps,
+    optimiser states and each map's loss at its last iteration (None without iterations)."""
+    inverses, opts = list(inverses), list(opts)
+    recon: list[Array | None] = [None] * len(inverses)
+    for count in sorted(set(steps)):
+        group = [j for j in range(len(inverses)) if steps[j] == count]
+        if count == 0:
+            continue
+
+        def body(it, carry, group=group):
+            gs, os, _ = carry
+
+            def total(gs_):
+                cur = list(inverses)
+                for j, g in zip(group, gs_, strict=True):
+                    cur[j] = g
+                vals = [loss_j(j, g, cur, it) for j, g in zip(group, gs_, strict=True)]
+                return sum(vals), jnp.stack(vals)
+
+            grads, vals = jax.grad(total, has_aux=True)(gs)
+            new_g, new_o = [], []
+            for g, o, d in zip(gs, os, grads, strict=True):
+                u, o = tx.update(d, o, g)
+                new_g.append(optax.apply_updates(g, u))
+                new_o.append(o)
+            return tuple(new_g), tuple(new_o), vals
+
+        init = (tuple(inverses[j] for j in group), tuple(opts[j] for j in group),
+                jnp.zeros((len(group),), dtype))
+        if count == 1:  # no loop to compile (and eager calls run op by op)
+            gs, os, vals = body(jnp.asarray(0), init)
+        else:
+            gs, os, vals = jax.lax.fori_loop(0, count, body, init)
+        for i, j in enumerate(group):
+            inverses[j], opts[j], recon[j] = gs[i], os[i], vals[i]
+    return inverses, opts, recon
+
+
+def _target_metrics(ts: Sequence[Array], hs: Sequence[Array], recon: Sequence[Array | None],
+                    map_numbers: Sequence[int], grads_h: Sequence[Array] | None,
+                    dtype: Any) -> dict[str, Array]:
+    """The step's metrics (module docstring): target flags, ``recon_l``, ``angle_l``."""
+    metrics: dict[str, Array] = {}
+    finite_l = [jnp.all(jnp.isfinite(t)) for t in ts]
+    metrics["targets_finite"] = jnp.all(jnp.stack(finite_l)).astype(dtype)
+    for ll, ok in enumerate(finite_l, start=1):  # targets flow down: the highest 0 is first
+        metrics[f"target_finite_{ll}"] = ok.astype(dtype)
+    for j, value in enumerate(recon):
+        if value is not None:
+            metrics[f"recon_{map_numbers[j]}"] = value
+    if grads_h is not None:
+        for ll in range(1, len(ts)):
+            metrics[f"angle_{ll}"] = angle_degrees(ts[ll - 1] - hs[ll], -grads_h[ll - 1])
+    return metrics
+
+
 def _target_rule(name: str, *, targets: str, feedback_loss: str, target_lr: float,
                  feedback_lr: float, feedback_steps: int | Sequence[int],
                  noise: float | Sequence[float], feedback_optimizer: str,
                  inverse_activation: str | None, diagnostics: bool,
                  last_hidden_by_gradient: bool = False, drl_lambda: float = 0.0,
                  linear_feedback: bool = False) -> LearningRule:
-    eta = float(target_lr)
     tx = (optax.adam(feedback_lr) if feedback_optimizer == "adam"
           else optax.sgd(feedback_lr))
-    direct = targets == "ddtp"
-
-    def maps_of(network: Any) -> tuple[int, tuple[int, ...], tuple[float, ...]]:
-        require_mlp(network, name, _WHY)
-        n_layers = network.num_layers
-        if n_layers < 2:
-            raise ValueError(f"rule {name!r} needs at least one hidden layer (targets are "
-                             f"propagated to hidden layers); got sizes {network.sizes}")
-        steps = _per_map(feedback_steps, n_layers - 1, name, "feedback_steps")
-        sig = tuple(float(s) for s in _per_map(noise, n_layers - 1, name, "noise"))
-        return n_layers, steps, sig
-
-    def phi_of(network: Any) -> Activation:
-        if linear_feedback:
-            return lambda h: h
-        return get_activation(inverse_activation or network.activation)
-
-    def map_number(j: int) -> int:
-        """1-based layer number of map ``j``: the layer it inverts (DTP family) or the hidden
-        layer it feeds (DDTP)."""
-        return j + 1 if direct else j + 2
+    cfg = _Config(name, targets, feedback_loss, float(target_lr), tx, feedback_steps, noise,
+                  inverse_activation, diagnostics, last_hidden_by_gradient, drl_lambda,
+                  linear_feedback)
 
     def init_fn(key: PRNGKey, params: Params, network: Any = None) -> TargetPropState:
-        n_layers, _, _ = maps_of(network)
-        sizes = network.sizes
-        dtype = params[0]["w"].dtype
-        keys = jax.random.split(key, n_layers - 1)
-        inverses = []
-        for j in range(n_layers - 1):
-            ll = map_number(j)
-            d_in, d_out = (sizes[-1], sizes[ll]) if direct else (sizes[ll], sizes[ll - 1])
-            g = {"w": jax.random.normal(keys[j], (d_in, d_out), dtype) / jnp.sqrt(
-                jnp.asarray(d_in, dtype))}
-            if not linear_feedback:
-                g["b"] = jnp.zeros((d_out,), dtype)
-            inverses.append(g)
-        inverses_t = tuple(inverses)
-        return TargetPropState(inverses_t, tuple(tx.init(g) for g in inverses_t))
+        _, _, _, chain = _maps_of(cfg, network)
+        if chain is not None:
+            return _chain_init(cfg, chain, key, params)
+        return _mlp_init(cfg, network, key, params)
 
     def step_fn(params: Params, state: TargetPropState, batch: Batch, key: PRNGKey,
                 context: StepContext) -> tuple[Updates, TargetPropState, StepOutput]:
-        network = context.network
-        n_layers, steps, sigmas = maps_of(network)
-        acts = network.activations()
-        phi = phi_of(network)
-        x, y = batch.x, batch.y
-        n = x.shape[0]
-        hs, pre = feedforward(params, acts, x)
-        out = hs[-1]
-        loss_val, e_mean = jax.value_and_grad(lambda o: context.loss(o, y))(out)
-        e = n * e_mean  # per-example output error
-        sg = jax.lax.stop_gradient
-        hs_sg = [sg(h) for h in hs]
-        f_layer = {ll: (lambda h, ll=ll: acts[ll - 1](_dense(sg(params[ll - 1]), h)))
-                   for ll in range(1, n_layers + 1)}  # f_layer[l] is layer l (1-based)
-
-        def loss_j(j: int, g: dict[str, Array], inverses: Sequence[dict[str, Array]],
-                   it: Array) -> Array:
-            ll, sigma = map_number(j), sigmas[j]
-            shape = hs[ll].shape if direct else hs[ll - 1].shape
-            eps = feedback_noise(key, it, ll, shape, x.dtype)
-            if feedback_loss == "recon":
-                return reconstruction_loss(g, phi, f_layer[ll], hs_sg[ll - 1], eps, sigma)
-            if feedback_loss == "ldrl":
-                eta_n = feedback_noise(key, it, ll, hs[ll].shape, x.dtype, draw=1)
-                return ldrl_loss(g, phi, f_layer[ll], hs_sg[ll - 1], hs_sg[ll], eps, eta_n,
-                                 sigma)
-            psg = [sg(p) for p in params]
-            fixed = [sg(q) for q in inverses]
-            if feedback_loss == "drl_direct":
-                ht = hs_sg[ll] + sigma * eps
-                y_n = forward_from(psg, acts, ht, ll)
-                g_out = apply_inverse(g, hs_sg[-1], phi)
-                rec = hs_sg[ll] + apply_inverse(g, y_n, phi) - g_out
-                value = _sqnorm_mean(rec - ht) / sigma**2
-                if drl_lambda > 0:
-                    eta_n = feedback_noise(key, it, ll, out.shape, x.dtype, draw=1)
-                    d = apply_inverse(g, hs_sg[-1] + sigma * eta_n, phi) - g_out
-                    value = value + drl_lambda * _sqnorm_mean(d) / sigma**2
-                return value
-            # "drl": corrupt h_{l-1}, run it to the output, bring it back down with the
-            # (fixed) difference maps above, then through g_l.
-            ht = hs_sg[ll - 1] + sigma * eps
-
-            def down(r: Array) -> Array:
-                for k in range(n_layers, ll, -1):
-                    r = hs_sg[k - 1] + (apply_inverse(fixed[k - 2], r, phi)
-                                        - apply_inverse(fixed[k - 2], hs_sg[k], phi))
-                return hs_sg[ll - 1] + apply_inverse(g, r, phi) - apply_inverse(g, hs_sg[ll], phi)
-
-            value = _sqnorm_mean(down(forward_from(psg, acts, ht, ll - 1)) - ht) / sigma**2
-            if drl_lambda > 0:
-                eta_n = feedback_noise(key, it, ll, out.shape, x.dtype, draw=1)
-                value = value + drl_lambda * _sqnorm_mean(
-                    down(hs_sg[-1] + sigma * eta_n) - hs_sg[ll - 1]) / sigma**2
-            return value
-
-        # ---- feedback training: maps grouped by their number of iterations ----
-        inverses = list(state.inverses)
-        opts = list(state.opt_state)
-        recon: list[Array | None] = [None] * (n_layers - 1)
-        for count in sorted(set(steps)):
-            group = [j for j in range(n_layers - 1) if steps[j] == count]
-            if count == 0:
-                continue
-
-            def body(it, carry, group=group):
-                gs, os, _ = carry
-
-                def total(gs_):
-                    cur = list(inverses)
-                    for j, g in zip(group, gs_, strict=True):
-                        cur[j] = g
-                    vals = [loss_j(j, g, cur, it) for j, g in zip(group, gs_, strict=True)]
-                    return sum(vals), jnp.stack(vals)
-
-                grads, vals = jax.grad(total, has_aux=True)(gs)
-                new_g, new_o = [], []
-                for g, o, d in zip(gs, os, grads, strict=True):
-                    u, o = tx.update(d, o, g)
-                    new_g.append(optax.apply_updates(g, u))
-                    new_o.append(o)
-                return tuple(new_g), tuple(new_o), vals
-
-            init = (tuple(inverses[j] for j in group), tuple(opts[j] for j in group),
-                    jnp.zeros((len(group),), x.dtype))
-            if count == 1:  # no loop to compile (and eager calls run op by op)
-                gs, os, vals = body(jnp.asarray(0), init)
-            else:
-                gs, os, vals = jax.lax.fori_loop(0, count, body, init)
-            for i, j in enumerate(group):
-                inverses[j], opts[j], recon[j] = gs[i], os[i], vals[i]
-        if diagnostics:
-            for j in range(n_layers - 1):
-                if recon[j] is None:
-                    recon[j] = loss_j(j, inverses[j], inverses, jnp.asarray(0))
-
-        # ---- targets ----
-        inv_fn = lambda ll, h: apply_inverse(  # noqa: E731
-            inverses[ll - 1] if direct else inverses[ll - 2], h, phi)
-        t_out = hs[-1] - eta * e
-        t_last = None
-        if last_hidden_by_gradient:
-            d_out = e * derivative(acts[-1], pre[-1])
-            t_last = hs[-2] - eta * (d_out @ params[-1]["w"].T)
-        ts = [sg(t) for t in layer_targets(targets, hs, t_out, inv_fn, t_last)]
-
-        # ---- forward updates ----
-        updates = []
-        for ll in range(1, n_layers + 1):
-            delta = (hs[ll] - ts[ll - 1]) * derivative(acts[ll - 1], pre[ll - 1]) / (eta * n)
-            u = {"w": hs[ll - 1].T @ delta}
-            if "b" in params[ll - 1]:
-                u["b"] = jnp.sum(delta, axis=0)
-            updates.append(u)
-
-        metrics: dict[str, Array] = {}
-        finite_l = [jnp.all(jnp.isfinite(t)) for t in ts]
-        metrics["targets_finite"] = jnp.all(jnp.stack(finite_l)).astype(x.dtype)
-        for ll, ok in enumerate(finite_l, start=1):  # targets flow down: the highest 0 is first
-            metrics[f"target_finite_{ll}"] = ok.astype(x.dtype)
-        for j in range(n_layers - 1):
-            if recon[j] is not None:
-                metrics[f"recon_{map_number(j)}"] = recon[j]
-        if diagnostics:
-            grads_h = backprop_activity_grads(params, acts, pre, e_mean)
-            for ll in range(1, n_layers):
-                metrics[f"angle_{ll}"] = angle_degrees(ts[ll - 1] - hs[ll], -grads_h[ll - 1])
-        new_state = TargetPropState(tuple(inverses), tuple(opts))
-        return updates, new_state, StepOutput(loss_val, out, metrics)
+        _, steps, sigmas, chain = _maps_of(cfg, context.network)
+        if chain is not None:
+            return _chain_step(cfg, chain, steps, sigmas, params, state, batch, key, context)
+        return _mlp_step(cfg, steps, sigmas, params, state, batch, key, context)
 
     return LearningRule(init_fn, step_fn, (), name)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense MLPs
+# --------------------------------------------------------------------------------------------
+
+
+def _map_number(cfg: _Config, j: int) -> int:
+    """1-based layer number of map ``j``: the layer it inverts (DTP family) or the hidden
+    layer it feeds (DDTP)."""
+    return j + 1 if cfg.targets == "ddtp" else j + 2
+
+
+def _mlp_init(cfg: _Config, network: Any, key: PRNGKey, params: Params) -> TargetPropState:
+    direct = cfg.targets == "ddtp"
+    n_layers, sizes = network.num_layers, network.sizes
+    dtype = params[0]["w"].dtype
+    keys = jax.random.split(key, n_layers - 1)
+    inverses = []
+    for j in range(n_layers - 1):
+        ll = _map_number(cfg, j)
+        d_in, d_out = (sizes[-1], sizes[ll]) if direct else (sizes[ll], sizes[ll - 1])
+        g = {"w": jax.random.normal(keys[j], (d_in, d_out), dtype) / jnp.sqrt(
+            jnp.asarray(d_in, dtype))}
+        if not cfg.linear_feedback:
+            g["b"] = jnp.zeros((d_out,), dtype)
+        inverses.append(g)
+    inverses_t = tuple(inverses)
+    return TargetPropState(inverses_t, tuple(cfg.tx.init(g) for g in inverses_t))
+
+
+def _mlp_loss_fn(cfg: _Config, params: Params, acts: Sequence[Activation], phi: Activation,
+                 hs: Sequence[Array], sigmas: Sequence[float], key: PRNGKey) -> LossJ:
+    """``loss_j(j, g, inverses, it)``: map ``j``'s feedback loss on an MLP's activities."""
+    sg = jax.lax.stop_gradient
+    hs_sg = [sg(h) for h in hs]
+    n_layers, out, dtype = len(params), hs[-1], hs[0].dtype
+    direct, drl_lambda = cfg.targets == "ddtp", cfg.drl_lambda
+    f_layer = {ll: (lambda h, ll=ll: acts[ll - 1](_dense(sg(params[ll - 1]), h)))
+               for ll in range(1, n_layers + 1)}  # f_layer[l] is layer l (1-based)
+
+    def loss_j(j: int, g: dict[str, Array], inverses: Sequence[dict[str, Array]],
+               it: Array) -> Array:
+        ll, sigma = _map_number(cfg, j), sigmas[j]
+        shape = hs[ll].shape if direct else hs[ll - 1].shape
+        eps = feedback_noise(key, it, ll, shape, dtype)
+        if cfg.feedback_loss == "recon":
+            return reconstruction_loss(g, phi, f_layer[ll], hs_sg[ll - 1], eps, sigma)
+        if cfg.feedback_loss == "ldrl":
+            eta_n = feedback_noise(key, it, ll, hs[ll].shape, dtype, draw=1)
+            return ldrl_loss(g, phi, f_layer[ll], hs_sg[ll - 1], hs_sg[ll], eps, eta_n,
+                             sigma)
+        psg = [sg(p) for p in params]
+        fixed = [sg(q) for q in inverses]
+        if cfg.feedback_loss == "drl_direct":
+            ht = hs_sg[ll] + sigma * eps
+            y_n = forward_from(psg, acts, ht, ll)
+            g_out = apply_inverse(g, hs_sg[-1], phi)
+            rec = hs_sg[ll] + apply_inverse(g, y_n, phi) - g_out
+            value = _sqnorm_mean(rec - ht) / sigma**2
+            if drl_lambda > 0:
+                eta_n = feedback_noise(key, it, ll, out.shape, dtype, draw=1)
+                d = apply_inverse(g, hs_sg[-1] + sigma * eta_n, phi) - g_out
+                value = value + drl_lambda * _sqnorm_mean(d) / sigma**2
+            return value
+        # "drl": corrupt h_{l-1}, run it to the output, bring it back down with the
+        # (fixed) difference maps above, then through g_l.
+        ht = hs_sg[ll - 1] + sigma * eps
+
+        def down(r: Array) -> Array:
+            for k in range(n_layers, ll, -1):
+                r = hs_sg[k - 1] + (apply_inverse(fixed[k - 2], r, phi)
+                                    - apply_inverse(fixed[k - 2], hs_sg[k], phi))
+            return hs_sg[ll - 1] + apply_inverse(g, r, phi) - apply_inverse(g, hs_sg[ll], phi)
+
+        value = _sqnorm_mean(down(forward_from(psg, acts, ht, ll - 1)) - ht) / sigma**2
+        if drl_lambda > 0:
+            eta_n = feedback_noise(key, it, ll, out.shape, dtype, draw=1)
+            value = value + drl_lambda * _sqnorm_mean(
+                down(hs_sg[-1] + sigma * eta_n) - hs_sg[ll - 1]) / sigma**2
+        return value
+
+    return loss_j
+
+
+def _mlp_step(cfg: _Config, steps: Sequence[int], sigmas: Sequence[float], params: Params,
+              state: TargetPropState, batch: Batch, key: PRNGKey, context: StepContext
+              ) -> tuple[Updates, TargetPropState, StepOutput]:
+    network = context.network
+    n_layers = network.num_layers
+    direct, eta = cfg.targets == "ddtp", cfg.eta
+    acts = network.activations()
+    phi = ((lambda h: h) if cfg.linear_feedback
+           else get_activation(cfg.inverse_activation or network.activation))
+    x, y = batch.x, batch.y
+    n = x.shape[0]
+    hs, pre = feedforward(params, acts, x)
+    out = hs[-1]
+    loss_val, e_mean = jax.value_and_grad(lambda o: context.loss(o, y))(out)
+    e = n * e_mean  # per-example output error
+    loss_j = _mlp_loss_fn(cfg, params, acts, phi, hs, sigmas, key)
+
+    # ---- feedback training, then the targets with the updated maps ----
+    inverses, opts, recon = _train_maps(loss_j, state.inverses, state.opt_state, steps, cfg.tx,
+                                        x.dtype)
+    if cfg.diagnostics:
+        for j in range(n_layers - 1):
+            if recon[j] is None:
+                recon[j] = loss_j(j, inverses[j], inverses, jnp.asarray(0))
+    inv_fn = lambda ll, h: apply_inverse(  # noqa: E731
+        inverses[ll - 1] if direct else inverses[ll - 2], h, phi)
+    t_last = None
+    if cfg.last_hidden_by_gradient:
+        d_out = e * derivative(acts[-1], pre[-1])
+        t_last = hs[-2] - eta * (d_out @ params[-1]["w"].T)
+    sg = jax.lax.stop_gradient
+    ts = [sg(t) for t in layer_targets(cfg.targets, hs, out - eta * e, inv_fn, t_last)]
+
+    # ---- forward updates ----
+    updates = []
+    for ll in range(1, n_layers + 1):
+        delta = (hs[ll] - ts[ll - 1]) * derivative(acts[ll - 1], pre[ll - 1]) / (eta * n)
+        u = {"w": hs[ll - 1].T @ delta}
+        if "b" in params[ll - 1]:
+            u["b"] = jnp.sum(delta, axis=0)
+        updates.append(u)
+
+    grads_h = backprop_activity_grads(params, acts, pre, e_mean) if cfg.diagnostics else None
+    metrics = _target_metrics(ts, hs, recon, [_map_number(cfg, j) for j in range(n_layers - 1)],
+                              grads_h, x.dtype)
+    new_state = TargetPropState(tuple(inverses), tuple(opts))
+    return updates, new_state, StepOutput(loss_val, out, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# Conv chains (`fbalign.models.sequential`, `fbalign.models.lenet5`)
+# --------------------------------------------------------------------------------------------
+
+
+def _chain_init(cfg: _Config, chain: Chain, key: PRNGKey, params: Params) -> TargetPropState:
+    shapes = [tuple(p["w"].shape) for p in params]
+    if shapes != [b.w_shape for b in chain.blocks]:
+        raise ValueError(f"rule {cfg.name!r}: params have kernel shapes {shapes}, the network "
+                         f"{[b.w_shape for b in chain.blocks]}")
+    dtype = params[0]["w"].dtype
+    keys = jax.random.split(key, chain.num_layers - 1)
+    inverses = tuple(init_chain_inverse(k, b, dtype)
+                     for k, b in zip(keys, chain.blocks[1:], strict=True))
+    return TargetPropState(inverses, tuple(cfg.tx.init(g) for g in inverses))
+
+
+def _chain_phis(cfg: _Config, chain: Chain) -> list[Activation]:
+    if cfg.inverse_activation is not None:
+        return [get_activation(cfg.inverse_activation)] * chain.num_layers
+    return [b.activation for b in chain.blocks]
+
+
+def _chain_loss_fn(cfg: _Config, chain: Chain, params: Params, hs: Sequence[Array],
+                   routes: Sequence[Any], sigmas: Sequence[float], key: PRNGKey) -> LossJ:
+    """``loss_j(j, g, inverses, it)``: map ``g_{j+2}``'s feedback loss on a chain."""
+    sg = jax.lax.stop_gradient
+    hs, params = [sg(h) for h in hs], [sg(p) for p in params]
+    phis, n_layers, dtype = _chain_phis(cfg, chain), chain.num_layers, hs[0].dtype
+
+    def inv(ll: int, g: dict[str, Array]) -> Callable[[Array, Any], Array]:
+        return lambda y, r: chain_inverse(chain.blocks[ll - 1], g, y, r, phis[ll - 1])
+
+    def f_block(ll: int) -> Callable[[Array], Any]:
+        return lambda h: block_forward(chain.blocks[ll - 1], params[ll - 1], h)
+
+    def loss_j(j: int, g: dict[str, Array], inverses: Sequence[dict[str, Array]],
+               it: Array) -> Array:
+        ll, sigma = j + 2, sigmas[j]
+        eps = feedback_noise(key, it, ll, hs[ll - 1].shape, dtype)
+        if cfg.feedback_loss == "recon":
+            return chain_reconstruction_loss(inv(ll, g), f_block(ll), hs[ll - 1], eps, sigma)
+        if cfg.feedback_loss == "ldrl":
+            eta_n = feedback_noise(key, it, ll, hs[ll].shape, dtype, draw=1)
+            return chain_ldrl_loss(inv(ll, g), f_block(ll), hs[ll - 1], hs[ll], routes[ll - 1],
+                                   eps, eta_n, sigma)
+        fixed = [sg(q) for q in inverses]
+
+        def down(r: Array) -> Array:  # DRL: the difference maps above (fixed), then g_l
+            for k in range(n_layers, ll - 1, -1):
+                gk = inv(k, g if k == ll else fixed[k - 2])
+                r = hs[k - 1] + gk(r, routes[k - 1]) - gk(hs[k], routes[k - 1])
+            return r
+
+        ht = hs[ll - 1] + sigma * eps
+        value = sqnorm_mean(down(chain_forward_from(chain, params, ht, ll - 1)) - ht) / sigma**2
+        if cfg.drl_lambda > 0:
+            eta_n = feedback_noise(key, it, ll, hs[-1].shape, dtype, draw=1)
+            value = value + cfg.drl_lambda * sqnorm_mean(
+                down(hs[-1] + sigma * eta_n) - hs[ll - 1]) / sigma**2
+        return value
+
+    return loss_j
+
+
+def _chain_step(cfg: _Config, chain: Chain, steps: Sequence[int], sigmas: Sequence[float],
+                params: Params, state: TargetPropState, batch: Batch, key: PRNGKey,
+                context: StepContext) -> tuple[Updates, TargetPropState, StepOutput]:
+    hs, routes = chain_forward(chain, params, batch.x)
+    n, out, n_maps = hs[0].shape[0], hs[-1], chain.num_layers - 1
+    loss_val, e_mean = jax.value_and_grad(lambda o: context.loss(o, batch.y))(out)
+    e = n * e_mean  # per-example output error
+    loss_j = _chain_loss_fn(cfg, chain, params, hs, routes, sigmas, key)
+    inverses, opts, recon = _train_maps(loss_j, state.inverses, state.opt_state, steps, cfg.tx,
+                                        out.dtype)
+    if cfg.diagnostics:
+        for j in range(n_maps):
+            if recon[j] is None:
+                recon[j] = loss_j(j, inverses[j], inverses, jnp.asarray(0))
+    phis = _chain_phis(cfg, chain)
+    inv_fn = lambda ll, h: chain_inverse(  # noqa: E731
+        chain.blocks[ll - 1], inverses[ll - 2], h, routes[ll - 1], phis[ll - 1])
+    t_last = None
+    if cfg.last_hidden_by_gradient:
+        t_last = hs[-2] - cfg.eta * block_vjp(chain.blocks[-1], params[-1], hs[-2], e)
+    sg = jax.lax.stop_gradient
+    ts = [sg(t) for t in layer_targets(cfg.targets, hs, out - cfg.eta * e, inv_fn, t_last)]
+    updates = chain_updates(chain, params, hs, ts, cfg.eta)
+    grads_h = chain_activity_grads(chain, params, hs, e_mean) if cfg.diagnostics else None
+    metrics = _target_metrics(ts, hs, recon, [j + 2 for j in range(n_maps)], grads_h,
+                              out.dtype)
+    new_state = TargetPropState(tuple(inverses), tuple(opts))
+    return updates, new_state, StepOutput(loss_val, out, metrics)
 
 
 def backprop_activity_grads(params: Params, acts: Sequence[Activation], pre: Sequence[Array],
@@ -479,7 +682,9 @@ _COMMON_ARGS = """\
       feedback_optimizer: ``"adam"`` or ``"sgd"`` (``optax.adam``/``optax.sgd`` at
         ``feedback_lr``).
       inverse_activation: ``\\phi`` of the maps ``g(h) = \\phi(hV + c)``; None: the network's
-        hidden activation (a name from ``fbalign.models.ACTIVATIONS``).
+        hidden activation (a name from ``fbalign.models.ACTIVATIONS``). On a conv chain
+        ``\\phi`` comes before the map's linear part, ``g(y) = T_V(\\phi(U(y))) + c``, and None
+        means each block's own activation.
       diagnostics: report ``angle_l`` (costs one backward pass) and ``recon_l`` at
         ``feedback_steps=0``.
 """
@@ -487,7 +692,9 @@ _COMMON_ARGS = """\
 _RETURNS = """
     Returns:
       A `LearningRule` with `TargetPropState`; it trains dense `fbalign.models.mlp` networks
-      with at least one hidden layer (any other network raises a `TypeError` at ``init``).
+      and (all but ``ddtp``) `fbalign.models.sequential` conv chains and
+      `fbalign.models.lenet5` (module docstring), with at least one hidden layer; any other
+      network (a residual one, say) raises a `TypeError` at ``init`` naming the reason.
 """
 
 
@@ -628,7 +835,8 @@ def ddtp(target_lr: float = 0.1, feedback_lr: float = 1e-3, feedback_steps: int 
 
     For DDTP-linear and small ``\sigma`` the minimiser is ``Q_l = J^\top(JJ^\top +
     \lambda I)^{-1}`` averaged over the batch (``J`` the Jacobian of the output wrt ``h_l``):
-    with ``\lambda = 0`` Gauss-Newton targets (Meulemans et al.'s analysis).
+    with ``\lambda = 0`` Gauss-Newton targets (Meulemans et al.'s analysis). Dense MLPs only:
+    on a conv chain use `dtp`, `drl` or `ldrl`, whose maps invert one block at a time.
 
     Args:
     {common}
