@@ -275,9 +275,10 @@ def _np_map_grad(g, terms, dphi):
     return out
 
 
-def _numpy_step(name, params, inverses, x, y, key, eta, sigma, lr, lam, linear):
+def _numpy_step(name, params, inverses, x, y, key, eta, sigma, lr, lam, linear, rl=None):
     """One step from the papers' equations for a tanh MLP with linear output, squared error,
-    feedback by one SGD step; returns (forward updates, new inverses)."""
+    feedback by one SGD step; returns (forward updates, new inverses). ``rl``: DDTP-RHL's fixed
+    random layer {"w": R, "b": r}: the direct maps to layers below L-1 read tanh(y R + r)."""
     ws = [np.asarray(p["w"], np.float64) for p in params]
     bs = [np.asarray(p["b"], np.float64) for p in params]
     inv = [{k: np.asarray(v, np.float64) for k, v in g.items()} for g in inverses]
@@ -300,6 +301,12 @@ def _numpy_step(name, params, inverses, x, y, key, eta, sigma, lr, lam, linear):
         return np.asarray(feedback_noise(key, 0, ll, shape, jnp.float64, draw))
 
     direct = name == "ddtp"
+
+    def lift(ll, u):  # what the direct map to layer ll reads of an output-space u
+        if rl is None or ll >= L - 1:
+            return u
+        return np.tanh(u @ np.asarray(rl["w"], np.float64) + np.asarray(rl["b"], np.float64))
+
     new_inv = []
     for j, g in enumerate(inv):
         ll = j + 1 if direct else j + 2
@@ -315,14 +322,14 @@ def _numpy_step(name, params, inverses, x, y, key, eta, sigma, lr, lam, linear):
             terms = [(yn, -2 * dx / N), (hs[ll], (2 * dx - 2 * a) / N), (hs[ll] + dy, 2 * a / N)]
         elif name == "ddtp":
             ht = hs[ll] + sigma * noise(ll, hs[ll].shape)
-            yt = fwd(ht, ll)
-            d = hs[ll] + _np_g(g, yt, phi) - _np_g(g, hs[L], phi) - ht
+            yt, hl = lift(ll, fwd(ht, ll)), lift(ll, hs[L])
+            d = hs[ll] + _np_g(g, yt, phi) - _np_g(g, hl, phi) - ht
             c = 2 / (sigma**2 * N)
-            terms = [(yt, c * d), (hs[L], -c * d)]
+            terms = [(yt, c * d), (hl, -c * d)]
             if lam:
-                yn = hs[L] + sigma * noise(ll, hs[L].shape, 1)
-                a = _np_g(g, yn, phi) - _np_g(g, hs[L], phi)
-                terms += [(yn, lam * c * a), (hs[L], -lam * c * a)]
+                yn = lift(ll, hs[L] + sigma * noise(ll, hs[L].shape, 1))
+                a = _np_g(g, yn, phi) - _np_g(g, hl, phi)
+                terms += [(yn, lam * c * a), (hl, -lam * c * a)]
         else:  # drl
             def down(r, ll=ll):
                 for k in range(L, ll, -1):
@@ -347,7 +354,7 @@ def _numpy_step(name, params, inverses, x, y, key, eta, sigma, lr, lam, linear):
     for ll in (range(1, L) if direct else range(L, 1, -1)):
         if direct:
             g = new_inv[ll - 1]
-            ts[ll] = hs[ll] + _np_g(g, ts[L], phi) - _np_g(g, hs[L], phi)
+            ts[ll] = hs[ll] + _np_g(g, lift(ll, ts[L]), phi) - _np_g(g, lift(ll, hs[L]), phi)
         elif name == "tp":
             ts[ll - 1] = _np_g(new_inv[ll - 2], ts[ll], phi)
         else:
@@ -362,11 +369,15 @@ def _numpy_step(name, params, inverses, x, y, key, eta, sigma, lr, lam, linear):
 
 @pytest.mark.parametrize("name,kw", [
     ("tp", {}), ("dtp", {}), ("drl", {}), ("drl", {"drl_lambda": 0.3}),
-    ("ddtp", {"feedback": "nonlinear"}), ("ddtp", {"drl_lambda": 0.5}), ("ldrl", {})])
+    ("ddtp", {"feedback": "nonlinear"}), ("ddtp", {"drl_lambda": 0.5}),
+    ("ddtp", {"feedback": "rhl", "hidden_feedback_dimension": 6, "drl_lambda": 0.5}),
+    ("ldrl", {})])
 def test_one_step_matches_a_numpy_reference_in_float64(name, kw):
     eta, sigma, lr = 0.3, 0.2, 0.05
     with jax.enable_x64(True):
-        model = fb.mlp((3, 4, 5, 2), activation="tanh")
+        # three hidden layers: DDTP-RHL's random layer feeds the maps to layers 1 and 2
+        model = fb.mlp((3, 4, 5, 4, 2) if kw.get("feedback") == "rhl" else (3, 4, 5, 2),
+                       activation="tanh")
         params = model.init(jax.random.PRNGKey(0), jnp.float64)
         x = jax.random.normal(jax.random.PRNGKey(1), (5, 3), jnp.float64)
         y = jax.random.normal(jax.random.PRNGKey(2), (5, 2), jnp.float64)
@@ -378,9 +389,10 @@ def test_one_step_matches_a_numpy_reference_in_float64(name, kw):
                                         for g in st.inverses))
         key = jax.random.PRNGKey(5)
         upd, st2, out = _step(rule, model, params, st, x, y, key=key)
-        linear = name == "ddtp" and kw.get("feedback", "linear") == "linear"
+        linear = name == "ddtp" and kw.get("feedback", "linear") in ("linear", "rhl")
         want_upd, want_inv = _numpy_step(name, params, st.inverses, np.asarray(x), np.asarray(y),
-                                         key, eta, sigma, lr, kw.get("drl_lambda", 0.0), linear)
+                                         key, eta, sigma, lr, kw.get("drl_lambda", 0.0), linear,
+                                         st.random_layer)
         assert all(a.dtype == jnp.float64 for a in jax.tree.leaves((upd, st2)))
         np.testing.assert_allclose(_flat(st2.inverses), _flat(want_inv), rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(_flat(upd), _flat(want_upd), rtol=1e-9, atol=1e-12)
@@ -422,10 +434,12 @@ def test_every_rule_lowers_the_training_loss():
         assert float(last) < 0.8 * float(first), (n, float(first), float(last))
 
 
-def test_fit_two_seeds_and_checkpoint_roundtrip(tmp_path):
+@pytest.mark.parametrize("rhl", [False, True])
+def test_fit_two_seeds_and_checkpoint_roundtrip(tmp_path, rhl):
     data = fb.data.load_teacher(n_train=256, n_test=128, input_dim=8, hidden=8, output_dim=3)
-    model = fb.mlp((8, 16, 3))
-    rule = drl(target_lr=0.5, feedback_lr=1e-2, feedback_steps=2)
+    model = fb.mlp((8, 16, 16, 3) if rhl else (8, 16, 3))
+    rule = (ddtp(target_lr=0.5, feedback_lr=1e-2, feedback="rhl", hidden_feedback_dimension=12)
+            if rhl else drl(target_lr=0.5, feedback_lr=1e-2, feedback_steps=2))
     res = fb.train.fit(model, rule, optax.sgd(0.2), data, epochs=2, batch_size=32, seeds=2,
                        progress=False)
     hist = res.history
@@ -435,7 +449,10 @@ def test_fit_two_seeds_and_checkpoint_roundtrip(tmp_path):
     assert not np.allclose(_flat(res.state.params)[:10], 0.0)
     st = res.state.rule_state
     assert isinstance(st, TargetPropState)
-    assert st.inverses[0]["w"].shape == (2, 3, 16)  # one map per seed
+    assert st.inverses[0]["w"].shape == ((2, 12, 16) if rhl else (2, 3, 16))  # a map per seed
+    if rhl:  # each seed draws its own fixed random layer (checkpointed below with the maps)
+        r = st.random_layer["w"]
+        assert r.shape == (2, 3, 12) and not np.allclose(r[0], r[1])
     C.save_checkpoint(tmp_path, res.state, {"step": 3})
     back = C.load_checkpoint(tmp_path, target=jax.tree.map(jnp.zeros_like, res.state)).state
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(res.state), strict=True):
@@ -453,6 +470,9 @@ def test_fit_two_seeds_and_checkpoint_roundtrip(tmp_path):
     (dtp, {"inverse_activation": "swish"}, "inverse_activation.*tanh"),
     (ddtp, {"feedback": "mlp"}, "feedback.*nonlinear, linear"),
     (ddtp, {"drl_lambda": -0.1}, "drl_lambda"),
+    (ddtp, {"feedback": "rhl", "hidden_feedback_dimension": 0}, "hidden_feedback_dimension"),
+    (ddtp, {"feedback": "rhl", "hidden_feedback_activation": "tanhh"},
+     "hidden_feedback_activation.*tanh, relu"),
     (dtp, {"last_hidden_by_gradient": 1}, "last_hidden_by_gradient"),
     (tp, {"diagnostics": "yes"}, "diagnostics"),
 ])

@@ -109,7 +109,7 @@ Activation = Callable[[Array], Array]
 InverseFn = Callable[[int, Array], Array]
 
 FEEDBACK_OPTIMIZERS = ("adam", "sgd")
-DDTP_FEEDBACK = ("nonlinear", "linear")
+DDTP_FEEDBACK = ("nonlinear", "linear", "rhl")
 _WHY_DDTP = ("its direct maps run from the output to every hidden layer as dense matrices; on "
              "fbalign.models.sequential chains and lenet5 use dtp, drl, ldrl or tp, whose maps "
              "invert one block at a time")
@@ -126,10 +126,13 @@ class TargetPropState(NamedTuple):
         shape of the block's kernel ``W_{j+2}`` (HWIO, or ``(d_in, d_out)``) and ``c`` one
         entry per input channel (unit) of that block.
       opt_state: the feedback optimiser's state, one per map.
+      random_layer: DDTP-RHL only: the fixed random feedback layer ``{"w": R, "b": r}``
+        (``R``: ``(n_L, D)``) shared by the direct maps; None otherwise.
     """
 
     inverses: tuple[dict[str, Array], ...]
     opt_state: tuple[Any, ...]
+    random_layer: dict[str, Array] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +313,7 @@ class _Config(NamedTuple):
     last_hidden_by_gradient: bool
     drl_lambda: float
     linear_feedback: bool
+    rhl: tuple[int, str] | None = None  # DDTP-RHL: (D, the random layer's activation)
 
 
 def _maps_of(cfg: _Config, network: Any) -> tuple[int, tuple[int, ...], tuple[float, ...],
@@ -399,12 +403,13 @@ def _target_rule(name: str, *, targets: str, feedback_loss: str, target_lr: floa
                  noise: float | Sequence[float], feedback_optimizer: str,
                  inverse_activation: str | None, diagnostics: bool,
                  last_hidden_by_gradient: bool = False, drl_lambda: float = 0.0,
-                 linear_feedback: bool = False) -> LearningRule:
+                 linear_feedback: bool = False, rhl: tuple[int, str] | None = None
+                 ) -> LearningRule:
     tx = (optax.adam(feedback_lr) if feedback_optimizer == "adam"
           else optax.sgd(feedback_lr))
     cfg = _Config(name, targets, feedback_loss, float(target_lr), tx, feedback_steps, noise,
                   inverse_activation, diagnostics, last_hidden_by_gradient, drl_lambda,
-                  linear_feedback)
+                  linear_feedback, rhl)
 
     def init_fn(key: PRNGKey, params: Params, network: Any = None) -> TargetPropState:
         _, _, _, chain = _maps_of(cfg, network)
@@ -437,22 +442,48 @@ def _mlp_init(cfg: _Config, network: Any, key: PRNGKey, params: Params) -> Targe
     direct = cfg.targets == "ddtp"
     n_layers, sizes = network.num_layers, network.sizes
     dtype = params[0]["w"].dtype
-    keys = jax.random.split(key, n_layers - 1)
+    keys = jax.random.split(key, n_layers)
+    random_layer = None
+    if cfg.rhl is not None:  # PyTorch nn.Linear's default draw, as in the authors' code
+        lim = 1.0 / jnp.sqrt(jnp.asarray(sizes[-1], dtype))
+        k_w, k_b = jax.random.split(keys[-1])
+        random_layer = {"w": jax.random.uniform(k_w, (sizes[-1], cfg.rhl[0]), dtype, -lim, lim),
+                        "b": jax.random.uniform(k_b, (cfg.rhl[0],), dtype, -lim, lim)}
     inverses = []
     for j in range(n_layers - 1):
         ll = _map_number(cfg, j)
         d_in, d_out = (sizes[-1], sizes[ll]) if direct else (sizes[ll], sizes[ll - 1])
+        if random_layer and ll < n_layers - 1:
+            d_in = cfg.rhl[0]
         g = {"w": jax.random.normal(keys[j], (d_in, d_out), dtype) / jnp.sqrt(
             jnp.asarray(d_in, dtype))}
         if not cfg.linear_feedback:
             g["b"] = jnp.zeros((d_out,), dtype)
         inverses.append(g)
     inverses_t = tuple(inverses)
-    return TargetPropState(inverses_t, tuple(cfg.tx.init(g) for g in inverses_t))
+    return TargetPropState(inverses_t, tuple(cfg.tx.init(g) for g in inverses_t), random_layer)
+
+
+def random_feedback_layer(layer: dict[str, Array] | None, activation: str, n_layers: int
+                          ) -> Callable[[int, Array], Array]:
+    r"""``lift(l, y)``: what DDTP's direct map to hidden layer ``l`` reads of an output-space
+    ``y``. DDTP-RHL (Meulemans et al. 2020; ``layer`` = ``{"w": R, "b": r}``): the fixed random
+    hidden feedback layer ``z = \rho(y R + r)`` for ``l < L-1``, and ``y`` itself for the last
+    hidden layer (a linear map, like the Gauss-Newton target there, as in the authors' code);
+    ``y`` itself for every layer without a random layer."""
+    rho = get_activation(activation)
+
+    def lift(ll: int, y: Array) -> Array:
+        if layer is None or ll >= n_layers - 1:
+            return y
+        return rho(_dense(layer, y))
+
+    return lift
 
 
 def _mlp_loss_fn(cfg: _Config, params: Params, acts: Sequence[Activation], phi: Activation,
-                 hs: Sequence[Array], sigmas: Sequence[float], key: PRNGKey) -> LossJ:
+                 hs: Sequence[Array], sigmas: Sequence[float], key: PRNGKey,
+                 lift: Callable[[int, Array], Array]) -> LossJ:
     """``loss_j(j, g, inverses, it)``: map ``j``'s feedback loss on an MLP's activities."""
     sg = jax.lax.stop_gradient
     hs_sg = [sg(h) for h in hs]
@@ -477,12 +508,12 @@ def _mlp_loss_fn(cfg: _Config, params: Params, acts: Sequence[Activation], phi: 
         if cfg.feedback_loss == "drl_direct":
             ht = hs_sg[ll] + sigma * eps
             y_n = forward_from(psg, acts, ht, ll)
-            g_out = apply_inverse(g, hs_sg[-1], phi)
-            rec = hs_sg[ll] + apply_inverse(g, y_n, phi) - g_out
+            g_out = apply_inverse(g, lift(ll, hs_sg[-1]), phi)
+            rec = hs_sg[ll] + apply_inverse(g, lift(ll, y_n), phi) - g_out
             value = _sqnorm_mean(rec - ht) / sigma**2
             if drl_lambda > 0:
                 eta_n = feedback_noise(key, it, ll, out.shape, dtype, draw=1)
-                d = apply_inverse(g, hs_sg[-1] + sigma * eta_n, phi) - g_out
+                d = apply_inverse(g, lift(ll, hs_sg[-1] + sigma * eta_n), phi) - g_out
                 value = value + drl_lambda * _sqnorm_mean(d) / sigma**2
             return value
         # "drl": corrupt h_{l-1}, run it to the output, bring it back down with the
@@ -520,7 +551,9 @@ def _mlp_step(cfg: _Config, steps: Sequence[int], sigmas: Sequence[float], param
     out = hs[-1]
     loss_val, e_mean = jax.value_and_grad(lambda o: context.loss(o, y))(out)
     e = n * e_mean  # per-example output error
-    loss_j = _mlp_loss_fn(cfg, params, acts, phi, hs, sigmas, key)
+    lift = random_feedback_layer(state.random_layer, cfg.rhl[1] if cfg.rhl else "linear",
+                                 n_layers)
+    loss_j = _mlp_loss_fn(cfg, params, acts, phi, hs, sigmas, key, lift)
 
     # ---- feedback training, then the targets with the updated maps ----
     inverses, opts, recon = _train_maps(loss_j, state.inverses, state.opt_state, steps, cfg.tx,
@@ -529,8 +562,8 @@ def _mlp_step(cfg: _Config, steps: Sequence[int], sigmas: Sequence[float], param
         for j in range(n_layers - 1):
             if recon[j] is None:
                 recon[j] = loss_j(j, inverses[j], inverses, jnp.asarray(0))
-    inv_fn = lambda ll, h: apply_inverse(  # noqa: E731
-        inverses[ll - 1] if direct else inverses[ll - 2], h, phi)
+    inv_fn = lambda ll, h: (apply_inverse(inverses[ll - 1], lift(ll, h), phi)  # noqa: E731
+                            if direct else apply_inverse(inverses[ll - 2], h, phi))
     t_last = None
     if cfg.last_hidden_by_gradient:
         d_out = e * derivative(acts[-1], pre[-1])
@@ -550,7 +583,7 @@ def _mlp_step(cfg: _Config, steps: Sequence[int], sigmas: Sequence[float], param
     grads_h = backprop_activity_grads(params, acts, pre, e_mean) if cfg.diagnostics else None
     metrics = _target_metrics(ts, hs, recon, [_map_number(cfg, j) for j in range(n_layers - 1)],
                               grads_h, x.dtype)
-    new_state = TargetPropState(tuple(inverses), tuple(opts))
+    new_state = TargetPropState(tuple(inverses), tuple(opts), state.random_layer)
     return updates, new_state, StepOutput(loss_val, out, metrics)
 
 
@@ -817,7 +850,9 @@ def drl(target_lr: float = 0.1, feedback_lr: float = 1e-3, feedback_steps: int =
 def ddtp(target_lr: float = 0.1, feedback_lr: float = 1e-3, feedback_steps: int = 1,
          noise: float = 0.1, feedback_optimizer: str = "adam",
          inverse_activation: str | None = None, diagnostics: bool = True,
-         feedback: str = "linear", drl_lambda: float = 0.0) -> LearningRule:
+         feedback: str = "linear", drl_lambda: float = 0.0,
+         hidden_feedback_dimension: int = 1024,
+         hidden_feedback_activation: str = "tanh") -> LearningRule:
     r"""Direct difference target propagation (Meulemans et al. 2020, "A theoretical framework
     for target propagation"; DDTP-linear with ``feedback="linear"``).
 
@@ -825,7 +860,12 @@ def ddtp(target_lr: float = 0.1, feedback_lr: float = 1e-3, feedback_steps: int 
 
     .. math:: t_l = h_l + g_l(t_L) - g_l(h_L),
 
-    ``g_l(y) = y Q_l`` (``"linear"``: DDTP-linear) or ``\phi(y Q_l + c_l)`` (``"nonlinear"``).
+    ``g_l(y) = y Q_l`` (``"linear"``: DDTP-linear), ``\phi(y Q_l + c_l)`` (``"nonlinear"``) or
+    (``"rhl"``: DDTP-RHL) ``g_l(y) = \rho(y R + r)\, Q_l`` through a fixed random hidden
+    feedback layer ``R`` ``(n_L, D)``, ``r`` (PyTorch ``nn.Linear``'s uniform draw, never
+    trained; `TargetPropState.random_layer`) shared by all the layers, which blows the output's
+    few dimensions up to ``D``; the last hidden layer keeps the linear ``y Q_{L-1}`` (the
+    authors' code: its Gauss-Newton target is a linear map of the output's).
     ``g_l`` descends the direct DRL: corrupt ``\tilde h = h_l + \sigma\epsilon``, run it to the
     output ``\tilde y = f_L\circ\dots\circ f_{l+1}(\tilde h)``, and
 
@@ -840,8 +880,11 @@ def ddtp(target_lr: float = 0.1, feedback_lr: float = 1e-3, feedback_steps: int 
 
     Args:
     {common}
-      feedback: ``"linear"`` (DDTP-linear, the default) or ``"nonlinear"``.
+      feedback: ``"linear"`` (DDTP-linear, the default), ``"nonlinear"`` or ``"rhl"``
+        (DDTP-RHL).
       drl_lambda: ``\lambda`` >= 0.
+      hidden_feedback_dimension: ``D``, the random layer's width (``"rhl"``; the paper: 1024).
+      hidden_feedback_activation: ``\rho`` (``"rhl"``; the authors' default ``"tanh"``).
     """
     _check_common("ddtp", target_lr, feedback_lr, feedback_steps, noise, feedback_optimizer,
                   inverse_activation, diagnostics, noise_positive=True)
@@ -849,11 +892,24 @@ def ddtp(target_lr: float = 0.1, feedback_lr: float = 1e-3, feedback_steps: int 
         raise ValueError(f"ddtp: feedback must be one of {', '.join(DDTP_FEEDBACK)}, got "
                          f"{feedback!r}")
     _check_lambda("ddtp", drl_lambda)
+    rhl = None
+    if feedback == "rhl":
+        if (isinstance(hidden_feedback_dimension, bool)
+                or not isinstance(hidden_feedback_dimension, int)
+                or hidden_feedback_dimension < 1):
+            raise ValueError("ddtp: hidden_feedback_dimension (the random feedback layer's width "
+                             f"D) must be a positive int, got {hidden_feedback_dimension!r}")
+        try:
+            get_activation(hidden_feedback_activation)
+        except ValueError as err:
+            raise ValueError(f"ddtp: hidden_feedback_activation: {err}") from None
+        rhl = (hidden_feedback_dimension, hidden_feedback_activation)
     return _target_rule("ddtp", targets="ddtp", feedback_loss="drl_direct", target_lr=target_lr,
                         feedback_lr=feedback_lr, feedback_steps=feedback_steps, noise=noise,
                         feedback_optimizer=feedback_optimizer,
                         inverse_activation=inverse_activation, diagnostics=diagnostics,
-                        drl_lambda=float(drl_lambda), linear_feedback=feedback == "linear")
+                        drl_lambda=float(drl_lambda),
+                        linear_feedback=feedback in ("linear", "rhl"), rhl=rhl)
 
 
 @_doc
