@@ -19,6 +19,14 @@ DNI + Aux (also predicts the synthetic gradient at the window's end from its fir
 
     python benchmarks/dni_copy.py            # reduced full run, writes results/dni_copy.md
     python benchmarks/dni_copy.py --quick    # seconds
+
+Why this is a script and not a recipe (the feedforward half of the paper is
+``fbalign reproduce jaderberg2017``, run by ``dni_mnist.py``): the copy and repeat-copy tasks are
+generated per batch with a length that grows by a curriculum, the score is the largest length
+passed within a budget of sequences, and the model is fbalign's recurrent DNI
+(``fbalign._src.recurrent_dni``: an LSTM trained in windows of ``T`` steps with a synthesizer
+of its state). ``fbalign train`` has no sequence tasks, no curriculum and no recurrent-DNI rule
+(its ``rnn`` model reads MNIST rows), so a recipe would need all three.
 """
 
 from __future__ import annotations

@@ -18,6 +18,15 @@ regularisation. Claims checked:
 
 Reference: G. Song, R. Xu, J. Lafferty (2021), "Convergence and Alignment of Gradient Descent
 with Random Backpropagation Weights", NeurIPS 34.
+
+Why this is a script and not a recipe (``fbalign reproduce``): none of its defining choices is a
+``fbalign train`` option. The network is in the paper's scaling, ``p^(-1/2) beta^T tanh(W x)``
+with ``N(0, 1)`` weights (train's MLP has LeCun-initialised layers with biases and no width
+factor); the data are ``n`` Gaussian points with Gaussian targets (not a train dataset); the
+penalty is on ``beta`` alone (train's ``--weight-decay`` decays every parameter); the
+measurements are ``cos(beta, b)`` and the exponential rate of the training error across a sweep
+of ``lambda``. A recipe would need train options for the parameterisation and a per-layer weight
+decay, a dataset of that kind, and a report of probe curves and fitted rates.
 """
 
 from __future__ import annotations

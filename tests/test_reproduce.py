@@ -43,7 +43,8 @@ def _write(tmp_path, text):
 
 def test_every_shipped_recipe_loads_and_names_what_it_cites():
     found = recipes()
-    assert {"lillicrap2016", "akrout2019", "biotorch2021", "luo2017"} <= set(found)
+    assert {"lillicrap2016", "akrout2019", "biotorch2021", "luo2017", "nokland2016",
+            "jaderberg2017"} <= set(found)
     for recipe in found.values():
         for exp in recipe["experiment"]:
             assert exp.get("source"), (recipe["name"], exp["name"])

@@ -10,8 +10,8 @@ express (``silent``, ``cannot_express``, ``notes``). Every key and value is chec
 ``fbalign reproduce NAME --budget quick|paper`` trains each experiment's rules (``--seeds K``
 networks each, one ensemble per rule), writes one run directory per rule (checkpointed, so
 ``--resume`` continues an interrupted reproduction) and ``report.md``: the paper's number and
-ours side by side, the setup, the machine, the budget ("reduced" when ``--epochs`` cut it) and
-the recipe's notes.
+ours side by side, the setup, the machine, the budget ("reduced" when ``--epochs`` cut it), the
+recipe's notes and a figure per experiment (``--no-figures`` leaves them out).
 """
 
 from __future__ import annotations
@@ -219,6 +219,9 @@ def add_reproduce_command(sub) -> None:
                         "ones continue from their checkpoints")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--no-figures", action="store_true",
+                   help="write report.md without the per-experiment figures (no matplotlib "
+                        "needed; the runs' metrics.jsonl keep every curve for fbalign plot)")
     p.set_defaults(func=cmd_reproduce)
 
 
@@ -248,7 +251,7 @@ def cmd_reproduce(args) -> int:
             return 130
         if code != 0 or not (base / exp["name"] / rule / "summary.json").is_file():
             failed.append(f"{exp['name']}/{rule}")
-    report = write_report(recipe, exps, base, spec)
+    report = write_report(recipe, exps, base, spec, figures=not args.no_figures)
     print(report)
     print(f"wrote {base / 'report.md'}")
     if failed:
@@ -354,13 +357,15 @@ def check_claims(exp: dict, res: dict[str, dict | None]) -> list[str]:
     return bad
 
 
-def write_report(recipe: dict, exps: Sequence[dict], base: Path, spec: dict) -> str:
-    """``report.md``: per experiment, the paper's numbers beside ours, then the notes."""
+def write_report(recipe: dict, exps: Sequence[dict], base: Path, spec: dict, *,
+                 figures: bool = True) -> str:
+    """``report.md``: per experiment, the paper's numbers beside ours, then the notes; with
+    ``figures``, each experiment's figure (``<experiment>.png``, `plot_runs`) beside it."""
     budget = spec["budget"] + (f", reduced to {spec['epochs']} epochs" if spec["epochs"] else "")
     lines = [f"# {recipe['title']}", "", recipe["cite"], "",
              f"Budget: {budget}; {spec['seeds']} seed(s) per rule. Machine: {machine_line()}", ""]
     for exp in exps:
-        lines += _section(recipe, exp, base, spec, budget)
+        lines += _section(recipe, exp, base, spec, budget, figures)
     if recipe.get("notes"):
         lines += ["## Notes", "", recipe["notes"].strip(), ""]
     text = "\n".join(lines)
@@ -368,8 +373,9 @@ def write_report(recipe: dict, exps: Sequence[dict], base: Path, spec: dict) -> 
     return text
 
 
-def _section(recipe: dict, exp: dict, base: Path, spec: dict, budget: str) -> list[str]:
-    """One experiment's part of the report: setup, table, notes and figure."""
+def _section(recipe: dict, exp: dict, base: Path, spec: dict, budget: str,
+             figures: bool) -> list[str]:
+    """One experiment's part of the report: setup, table, notes and (``figures``) figure."""
     rules = budget_rules(exp, spec["budget"])
     if not rules:
         return [f"## {exp['name']}", "", f"Not run at the {spec['budget']} budget.", ""]
@@ -386,7 +392,7 @@ def _section(recipe: dict, exp: dict, base: Path, spec: dict, budget: str) -> li
             for r, o in per_rule.items() if o) + ".", ""]
     lines += _table(exp, rules, res) + [""] + _notes(exp, spec, res)
     done = [base / exp["name"] / r for r in rules if res[r] is not None]
-    if done:
+    if done and figures:
         plot_runs(done, base / f"{exp['name']}.png", labels=[d.name for d in done], bar=True,
                   title=f"{recipe['name']} {exp['name']} ({budget})")
         lines += [f"![{exp['name']}]({exp['name']}.png)", ""]
