@@ -187,3 +187,40 @@ def flops(compiled: Any) -> float:
     if isinstance(ca, list):
         ca = ca[0] if ca else {}
     return float((ca or {}).get("flops", float("nan")))
+
+
+def recipe_argv(recipe: str, argv: Sequence[str], description: str, *, seeds: int = 1,
+                experiment: str | None = None) -> list[str]:
+    """The ``fbalign reproduce`` command line a reproduction script (a thin wrapper around the
+    recipe ``recipe``) runs for its own ``argv``: ``--quick`` is the quick budget, else the
+    paper's; ``--epochs``, ``--seeds`` (default ``seeds``) and ``--out`` map across; any other
+    flag goes to ``fbalign reproduce`` unchanged. ``experiment``: the one experiment the script
+    runs (another is refused)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        description=description,
+        epilog="Any other flag goes to fbalign reproduce (see fbalign reproduce --help): "
+               "--resume, --overwrite, --no-progress, --no-figures"
+               + ("." if experiment else ", --experiment NAMES."))
+    ap.add_argument("--quick", action="store_true", help="the recipe's quick budget (tests)")
+    ap.add_argument("--epochs", type=int, default=None, help="cut every run to N epochs")
+    ap.add_argument("--seeds", type=int, default=seeds, help=f"networks per rule (default {seeds})")
+    ap.add_argument("--out", default=None, help="output directory")
+    args, rest = ap.parse_known_args(list(argv))
+    if experiment and any(a.startswith("--experiment") for a in rest):
+        ap.error(f"this script runs the {experiment!r} experiment of {recipe}; for another, run "
+                 f"fbalign reproduce {recipe} --experiment NAME")
+    out = ["reproduce", recipe, *(["--experiment", experiment] if experiment else []),
+           "--budget", "quick" if args.quick else "paper", "--seeds", str(args.seeds)]
+    out += ["--epochs", str(args.epochs)] if args.epochs is not None else []
+    out += ["--out", args.out] if args.out else []
+    return out + rest
+
+
+def run_recipe(cmd: list[str]) -> int:
+    """Prints and runs the ``fbalign`` command ``cmd``; returns its exit status."""
+    from fbalign.cli import main as fbalign_main
+
+    print("fbalign " + " ".join(cmd), flush=True)
+    return fbalign_main(cmd)

@@ -22,40 +22,24 @@ test-error and alignment curves. A different setup is a
 
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
 
-from fbalign.cli import main as fbalign_main
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench  # noqa: E402
 
 RECIPE, EXPERIMENT = "lillicrap2016", "mnist"
 
 
 def reproduce_argv(argv: list[str] | None = None) -> list[str]:
     """The ``fbalign`` command line this script runs for its own ``argv``."""
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Any other flag goes to fbalign reproduce (see fbalign reproduce --help): "
-               "--resume, --overwrite, --no-progress, --no-figures.")
-    ap.add_argument("--quick", action="store_true", help="the recipe's quick budget (tests)")
-    ap.add_argument("--epochs", type=int, default=None, help="cut every run to N epochs")
-    ap.add_argument("--seeds", type=int, default=1, help="networks per rule (default 1)")
-    ap.add_argument("--out", default=None, help="output directory")
-    args, rest = ap.parse_known_args(argv)
-    if any(a.startswith("--experiment") for a in rest):
-        ap.error(f"this script runs the {EXPERIMENT!r} experiment of {RECIPE}; for another, run "
-                 f"fbalign reproduce {RECIPE} --experiment NAME")
-    out = ["reproduce", RECIPE, "--experiment", EXPERIMENT,
-           "--budget", "quick" if args.quick else "paper", "--seeds", str(args.seeds)]
-    out += ["--epochs", str(args.epochs)] if args.epochs is not None else []
-    out += ["--out", args.out] if args.out else []
-    return out + rest
+    return _bench.recipe_argv(RECIPE, argv or [], __doc__.split("\n\n")[0], seeds=1,
+                              experiment=EXPERIMENT)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the reproduction; returns ``fbalign reproduce``'s exit status."""
-    cmd = reproduce_argv(sys.argv[1:] if argv is None else argv)
-    print("fbalign " + " ".join(cmd), flush=True)
-    return fbalign_main(cmd)
+    return _bench.run_recipe(reproduce_argv(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

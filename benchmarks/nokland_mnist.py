@@ -21,37 +21,23 @@ The report is ``DIR/report.md``, with one figure per architecture.
 
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
 
-from fbalign.cli import main as fbalign_main
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench  # noqa: E402
 
 RECIPE = "nokland2016"
 
 
 def reproduce_argv(argv: list[str] | None = None) -> list[str]:
     """The ``fbalign`` command line this script runs for its own ``argv``."""
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Any other flag goes to fbalign reproduce (see fbalign reproduce --help): "
-               "--resume, --overwrite, --no-progress, --no-figures, --experiment NAMES.")
-    ap.add_argument("--quick", action="store_true", help="the recipe's quick budget (tests)")
-    ap.add_argument("--epochs", type=int, default=None, help="cut every run to N epochs")
-    ap.add_argument("--seeds", type=int, default=3, help="networks per rule (default 3)")
-    ap.add_argument("--out", default=None, help="output directory")
-    args, rest = ap.parse_known_args(argv)
-    out = ["reproduce", RECIPE, "--budget", "quick" if args.quick else "paper",
-           "--seeds", str(args.seeds)]
-    out += ["--epochs", str(args.epochs)] if args.epochs is not None else []
-    out += ["--out", args.out] if args.out else []
-    return out + rest
+    return _bench.recipe_argv(RECIPE, argv or [], __doc__.split("\n\n")[0], seeds=3)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the reproduction; returns ``fbalign reproduce``'s exit status."""
-    cmd = reproduce_argv(sys.argv[1:] if argv is None else argv)
-    print("fbalign " + " ".join(cmd), flush=True)
-    return fbalign_main(cmd)
+    return _bench.run_recipe(reproduce_argv(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

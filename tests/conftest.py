@@ -101,3 +101,26 @@ def quick_reproduction(name: str, tmp_path: Path, capsys) -> Path:
             assert re.search(r"\| \d+(\.\d+)?(e-?\d+)? \+- ", row), row
     assert "Quick-budget checks: all hold." in report
     return out
+
+
+def quick_reproduction_unread(name: str, tmp_path: Path, capsys) -> Path:
+    """`quick_reproduction`, for a recipe whose paper numbers could not be read: every quick
+    rule's report row must then say "not reported" beside ours."""
+    from fbalign._src.reproduce import budget_rules, recipes
+
+    out = quick_reproduction(name, tmp_path, capsys)
+    report = (out / "report.md").read_text()
+    for exp in recipes()[name]["experiment"]:
+        for rule in budget_rules(exp, "quick"):
+            assert exp.get("paper", {}).get(rule) is None
+            row = next(line for line in report.splitlines() if line.startswith(f"| `{rule}` |"))
+            assert "| not reported |" in row, row
+    return out
+
+
+def final_errors(exp_dir: Path, rules) -> dict:
+    """Each rule's final test error (%) in a reproduction's experiment directory."""
+    import json
+
+    return {r: json.loads((exp_dir / r / "summary.json").read_text())["test_error"]
+            for r in rules}

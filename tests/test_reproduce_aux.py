@@ -9,29 +9,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import quick_reproduction as shared_quick
-
-from fbalign._src.reproduce import budget_rules, recipes
+from conftest import final_errors
+from conftest import quick_reproduction_unread as quick_reproduction
 
 pytest.importorskip("matplotlib")
-
-
-def quick_reproduction(name, tmp_path, capsys):
-    """`conftest.quick_reproduction`, and every quick rule's report row says "not reported"."""
-    out = shared_quick(name, tmp_path, capsys)
-    report = (out / "report.md").read_text()
-    for exp in recipes()[name]["experiment"]:
-        for rule in budget_rules(exp, "quick"):
-            assert exp.get("paper", {}).get(rule) is None
-            row = next(line for line in report.splitlines() if line.startswith(f"| `{rule}` |"))
-            assert "| not reported |" in row, row
-    return out
-
-
-def final_errors(exp_dir, rules):
-    """Each rule's final test error (%) in an experiment's run directory."""
-    return {r: json.loads((exp_dir / r / "summary.json").read_text())["test_error"]
-            for r in rules}
 
 
 def config(exp_dir, rule):

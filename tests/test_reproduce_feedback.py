@@ -8,30 +8,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import quick_reproduction as shared_quick
-
-from fbalign._src.reproduce import budget_rules, recipes
+from conftest import final_errors
+from conftest import quick_reproduction_unread as quick_reproduction
 
 pytest.importorskip("matplotlib")
-
-
-def quick_reproduction(name, tmp_path, capsys):
-    """`conftest.quick_reproduction`, and: neither paper's numbers could be read, so every
-    rule's row says "not reported" beside ours."""
-    out = shared_quick(name, tmp_path, capsys)
-    report = (out / "report.md").read_text()
-    for exp in recipes()[name]["experiment"]:
-        for rule in budget_rules(exp, "quick"):
-            assert exp.get("paper", {}).get(rule) is None
-            row = next(line for line in report.splitlines() if line.startswith(f"| `{rule}` |"))
-            assert "| not reported |" in row, row
-    return out
-
-
-def final_errors(exp_dir, rules):
-    """Each rule's final test error (%) in an experiment's run directory."""
-    return {r: json.loads((exp_dir / r / "summary.json").read_text())["test_error"]
-            for r in rules}
 
 
 @pytest.mark.slow  # an end-to-end run (16 s under pytest on 2 cores): `pytest -m slow`
