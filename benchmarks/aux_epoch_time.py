@@ -60,7 +60,7 @@ def variants(n: int, batch: int):
                                                 code_momentum=0.9)
     admm = fbalign.rules.admm(beta=1.0, gamma=10.0, num_examples=n, warm_start=10)
     return [("bp", "bp", optax.adam(3e-3), "cross_entropy", batch),
-            ("altmin", am, optax.adam(8e-3), "cross_entropy", batch),
+            ("altmin", am, optax.adam(2e-3), "cross_entropy", batch),
             ("admm, full batch", admm, optax.sgd(1.0), "squared_error", n),
             (f"admm, batch {batch}", admm, optax.sgd(1.0), "squared_error", batch)]
 
@@ -150,16 +150,16 @@ def time_solves(x, width: int, repeats: int) -> list[list[str]]:
 
     normal = jax.jit(normal)
     w_p, w_n = _bench.block(pinv(a, z)), _bench.block(normal(a, z))
-    fit_gap = float(jnp.linalg.norm(a @ (w_p - w_n)) / jnp.linalg.norm(a @ w_p))
+    # the least-squares objective each reaches, relative to |Z| (lower is better)
+    res_p, res_n = (float(jnp.linalg.norm(a @ w - z) / jnp.linalg.norm(z)) for w in (w_p, w_n))
     t = _bench.time_paired({"pinv": lambda: _bench.block(pinv(a, z)),
                             "normal": lambda: _bench.block(normal(a, z))}, "pinv", repeats)
     shape = f"{a.shape[0]:,} x {a.shape[1]}"
     return [["`jnp.linalg.pinv(A) @ Z` (SVD; admm's `solve_weights`)", shape,
-             f"{t['pinv']['median'] * 1e3:.1f}", "1.00"],
+             f"{t['pinv']['median'] * 1e3:.1f}", "1.00", f"{res_p:.4f}"],
             [f"Cholesky of `A^T A + {float(ridge):.1e} I`, then `A^T Z`", shape,
-             f"{t['normal']['median'] * 1e3:.1f}", f"{t['normal']['ratio']:.3f}"],
-            ["relative gap of the two fits, `|A (W_pinv - W_normal)| / |A W_pinv|`", "", "",
-             f"{fit_gap:.1e}" if np.isfinite(fit_gap) else "nan"]]
+             f"{t['normal']['median'] * 1e3:.1f}", f"{t['normal']['ratio']:.3f}",
+             f"{res_n:.4f}" if np.isfinite(res_n) else "nan"]]
 
 
 def table(rows: list[dict]) -> str:
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
         "# Epoch time of alternating minimisation and ADMM beside backprop\n\n"
         f"`{cmd}`: {name}, a {sizes} ReLU MLP, float32; {repeats} samples per variant, each "
         "paired with a backprop epoch. One epoch = one jitted `lax.scan` over its batches, as "
-        "`fit` runs it. bp: Adam 3e-3; altmin: Adam 8e-3, mu 3e-5, 5 Nesterov code steps of "
+        "`fit` runs it. bp: Adam 3e-3; altmin: Adam 2e-3, mu 3e-5, 5 Nesterov code steps of "
         "1.5e-5 (recipe choromanska2019); admm: beta 1, gamma 10, optax.sgd(1.0), squared "
         "error.\n\n" + _bench.machine_md(info)
         + f"\n## Epoch time\n\nCorrectness check passed first: {note}.\n\n{table(rows)}\n"
@@ -214,11 +214,14 @@ def main(argv=None) -> int:
         "times. The train loss is the mean over the last timed epoch (the states train on from "
         "epoch to epoch).\n\n## ADMM's weight solve alone\n\n"
         + _bench.md_table(["solve of the input layer's weights", "A", "median (ms)",
-                           "ratio to pinv"], solves)
+                           "ratio to pinv (paired median)", "residual |A W - Z| / |Z|"],
+                          solves)
         + "\nA is the bias-augmented input matrix `[x, 1]`, Z random targets of the first "
         "hidden layer's width. The ridge keeps the Cholesky factor defined where pixels are "
-        "constant (A has rank below its width); the gap row says how far its fit is from the "
-        "minimum-norm one.\n")
+        "constant (A has rank below its width). The residual is the least-squares objective "
+        "each solve reaches (lower is better): `jnp.linalg.pinv` drops singular values below "
+        "its default relative cut-off (10 max(N, d) float32 eps), so the two do not solve "
+        "exactly the same problem.\n")
     _bench.write_result(out_dir, "aux_epoch_time.md", text)
     return 0
 
