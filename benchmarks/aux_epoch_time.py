@@ -16,8 +16,9 @@ as 2 calls of the jitted step), then each epoch program is compiled (its time re
 run once to warm up, and timed ``--repeats`` times, each sample paired with a backprop epoch
 taken right before or after it (alternately). Reported: median epoch time, the median of the
 paired ratios to backprop and the ratio of minimum times. A second table times ADMM's weight
-solve alone: ``jnp.linalg.pinv`` (an SVD, what `fbalign.rules.admm` runs) against a Cholesky
-solve of the normal equations on the same bias-augmented input matrix.
+solve alone: ``weight_solve="pinv"`` (an SVD, `fbalign.rules.admm`'s default) against
+``weight_solve="cholesky"`` (a Cholesky solve of the ridge-regularised normal equations) on the
+same bias-augmented input matrix; the epoch table has ADMM with each.
 """
 
 from __future__ import annotations
@@ -59,10 +60,14 @@ def variants(n: int, batch: int):
     am = fbalign.rules.alternating_minimization(mu=3e-5, code_steps=5, code_lr=1.5e-5,
                                                 code_momentum=0.9)
     admm = fbalign.rules.admm(beta=1.0, gamma=10.0, num_examples=n, warm_start=10)
+    chol = fbalign.rules.admm(beta=1.0, gamma=10.0, num_examples=n, warm_start=10,
+                              weight_solve="cholesky")
     return [("bp", "bp", optax.adam(3e-3), "cross_entropy", batch),
             ("altmin", am, optax.adam(2e-3), "cross_entropy", batch),
             ("admm, full batch", admm, optax.sgd(1.0), "squared_error", n),
-            (f"admm, batch {batch}", admm, optax.sgd(1.0), "squared_error", batch)]
+            (f"admm, batch {batch}", admm, optax.sgd(1.0), "squared_error", batch),
+            ("admm cholesky, full batch", chol, optax.sgd(1.0), "squared_error", n),
+            (f"admm cholesky, batch {batch}", chol, optax.sgd(1.0), "squared_error", batch)]
 
 
 def build(model, rule, opt, loss, batch: int, x, y, chunk: int | None = None):
@@ -139,25 +144,22 @@ def time_solves(x, width: int, repeats: int) -> list[list[str]]:
     import jax.numpy as jnp
     import numpy as np
 
+    from fbalign._src.rules.admm import CHOLESKY_RIDGE, solve_weights
+
     a = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
     z = jax.random.normal(jax.random.PRNGKey(2), (x.shape[0], width))
-    pinv = jax.jit(lambda a, z: jnp.linalg.pinv(a) @ z)
-    ridge = 1e-6 * jnp.trace(a.T @ a) / a.shape[1]
-
-    def normal(a, z):
-        return jax.scipy.linalg.cho_solve(
-            jax.scipy.linalg.cho_factor(a.T @ a + ridge * jnp.eye(a.shape[1])), a.T @ z)
-
-    normal = jax.jit(normal)
+    pinv = jax.jit(lambda a, z: solve_weights(a, z, False, "pinv")["w"])
+    normal = jax.jit(lambda a, z: solve_weights(a, z, False, "cholesky")["w"])
+    ridge = CHOLESKY_RIDGE * jnp.trace(a.T @ a) / a.shape[1]
     w_p, w_n = _bench.block(pinv(a, z)), _bench.block(normal(a, z))
     # the least-squares objective each reaches, relative to |Z| (lower is better)
     res_p, res_n = (float(jnp.linalg.norm(a @ w - z) / jnp.linalg.norm(z)) for w in (w_p, w_n))
     t = _bench.time_paired({"pinv": lambda: _bench.block(pinv(a, z)),
                             "normal": lambda: _bench.block(normal(a, z))}, "pinv", repeats)
     shape = f"{a.shape[0]:,} x {a.shape[1]}"
-    return [["`jnp.linalg.pinv(A) @ Z` (SVD; admm's `solve_weights`)", shape,
+    return [["`weight_solve=\"pinv\"`: `pinv(A) @ Z` (SVD, the default)", shape,
              f"{t['pinv']['median'] * 1e3:.1f}", "1.00", f"{res_p:.4f}"],
-            [f"Cholesky of `A^T A + {float(ridge):.1e} I`, then `A^T Z`", shape,
+            [f"`weight_solve=\"cholesky\"`: Cholesky of `A^T A + {float(ridge):.1e} I`", shape,
              f"{t['normal']['median'] * 1e3:.1f}", f"{t['normal']['ratio']:.3f}",
              f"{res_n:.4f}" if np.isfinite(res_n) else "nan"]]
 
@@ -208,7 +210,7 @@ def main(argv=None) -> int:
         "paired with a backprop epoch. One epoch = one jitted `lax.scan` over its batches, as "
         "`fit` runs it. bp: Adam 3e-3; altmin: Adam 2e-3, mu 3e-5, 5 Nesterov code steps of "
         "1.5e-5 (recipe choromanska2019); admm: beta 1, gamma 10, optax.sgd(1.0), squared "
-        "error.\n\n" + _bench.machine_md(info)
+        "error, weight_solve pinv (the default) or cholesky.\n\n" + _bench.machine_md(info)
         + f"\n## Epoch time\n\nCorrectness check passed first: {note}.\n\n{table(rows)}\n"
         "Compile time is the `lower(...).compile()` of the epoch program, apart from the epoch "
         "times. The train loss is the mean over the last timed epoch (the states train on from "

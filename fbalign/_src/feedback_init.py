@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Float, PRNGKeyArray
 
+from fbalign._src import linalg
 from fbalign._src.base import Array
 from fbalign._src.checks import check_number
 
@@ -88,7 +89,7 @@ def xavier(gain: float = 1.0) -> Initializer:
 
 def orthogonal(gain: float = 1.0) -> Initializer:
     """A (semi-)orthogonal matrix times ``gain``: every singular value equals ``gain``."""
-    return jax.nn.initializers.orthogonal(scale=gain)
+    return linalg.orthogonal(scale=gain)
 
 
 def _mix32(x: Array) -> Array:

@@ -27,6 +27,7 @@ from fbalign._src.backward import Backward, DirectFeedback, LinearFeedback
 from fbalign._src.base import Array, Params, PRNGKey, TapeRule
 from fbalign._src.feedback_init import Initializer
 from fbalign._src.layered_init import build_rule, dfa_like
+from fbalign._src.linalg import orthogonal
 from fbalign._src.models import get_activation, matmul
 from fbalign._src.registry import RULES
 
@@ -102,7 +103,7 @@ class RNN:
         lecun = jax.nn.initializers.lecun_normal()
         return {
             "w_in": lecun(k1, (self.input_size, self.hidden_size), dtype),
-            "w_rec": jax.nn.initializers.orthogonal()(k2, (self.hidden_size,) * 2, dtype),
+            "w_rec": orthogonal()(k2, (self.hidden_size,) * 2, dtype),
             "b": jnp.zeros((self.hidden_size,), dtype),
             "w_out": lecun(k3, (self.hidden_size, self.output_size), dtype),
             "b_out": jnp.zeros((self.output_size,), dtype),

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from fbalign._src.base import Array, Params, PRNGKey
+from fbalign._src.linalg import orthogonal
 from fbalign._src.rules.synthetic_gradients import (
     Synthesizer,
     linear_synthesizer,
@@ -74,7 +75,7 @@ def rnn_cell(hidden_size: int, activation: Callable[[Array], Array] = jnp.tanh) 
         k1, k2 = jax.random.split(key)
         return {
             "wx": jax.nn.initializers.lecun_normal()(k1, (in_features, hidden_size), dtype),
-            "wh": jax.nn.initializers.orthogonal()(k2, (hidden_size, hidden_size), dtype),
+            "wh": orthogonal()(k2, (hidden_size, hidden_size), dtype),
             "b": jnp.zeros((hidden_size,), dtype),
         }
 
@@ -101,7 +102,7 @@ def lstm_cell(hidden_size: int, forget_bias: float = 1.0) -> Cell:
     def init(key, in_features, dtype=jnp.float32):
         k1, k2 = jax.random.split(key)
         wh = jnp.concatenate(
-            [jax.nn.initializers.orthogonal()(k, (H, H), dtype) for k in jax.random.split(k2, 4)],
+            [orthogonal()(k, (H, H), dtype) for k in jax.random.split(k2, 4)],
             axis=1,
         )
         b = jnp.zeros((4 * H,), dtype).at[H:2 * H].set(forget_bias)

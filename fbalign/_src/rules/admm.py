@@ -24,6 +24,7 @@ from fbalign._src.base import (
     Updates,
 )
 from fbalign._src.checks import check_choice
+from fbalign._src.linalg import pinv, solve_spd
 from fbalign._src.losses import cross_entropy
 from fbalign._src.models import require_mlp
 
@@ -85,11 +86,31 @@ def _linear(layer: dict[str, Array], x: Array) -> Array:
     return a + layer["b"] if "b" in layer else a
 
 
-def solve_weights(a_prev: Array, z: Array, has_bias: bool) -> dict[str, Array]:
-    r"""The weight block: ``W_l \leftarrow \arg\min_W \|z_l - a_{l-1} W - b\|^2``, by the
-    pseudo-inverse, ``[W; b] = [a_{l-1}, 1]^\dagger z_l`` (the paper's ``W_l \leftarrow z_l
-    a_{l-1}^\dagger`` in row layout; the minimum-norm solution when rank-deficient)."""
-    w_aug = jnp.linalg.pinv(_augment(a_prev, has_bias)) @ z
+WEIGHT_SOLVES = ("pinv", "cholesky")
+CHOLESKY_RIDGE = 1e-6  # relative: the ridge is this times the mean diagonal of A^T A
+
+
+def solve_weights(a_prev: Array, z: Array, has_bias: bool, method: str = "pinv",
+                  ) -> dict[str, Array]:
+    r"""The weight block: ``W_l \leftarrow \arg\min_W \|z_l - a_{l-1} W - b\|^2``.
+
+    * ``"pinv"``: the pseudo-inverse, ``[W; b] = A^\dagger z_l`` with ``A = [a_{l-1}, 1]`` (the
+      paper's ``W_l \leftarrow z_l a_{l-1}^\dagger`` in row layout; the minimum-norm solution when
+      rank-deficient). An SVD.
+    * ``"cholesky"``: the normal equations with a small ridge, ``[W; b] = (A^\top A + r I)^{-1}
+      A^\top z_l``, ``r = 10^{-6} \operatorname{tr}(A^\top A) / d``, by a Cholesky solve. The
+      ridge keeps the factor defined where columns of ``A`` are constant or dependent (pixels
+      that never change, silent ReLU units); as ``r \to 0`` this tends to the pseudo-inverse's
+      solution. Several times faster than the SVD (``benchmarks/aux_epoch_time.py``).
+
+    Both are safe under `jax.vmap` on the CPU (`fbalign._src.linalg`)."""
+    a = _augment(a_prev, has_bias)
+    if method == "pinv":
+        w_aug = pinv(a) @ z
+    else:
+        g = a.T @ a
+        ridge = CHOLESKY_RIDGE * jnp.trace(g) / g.shape[0]
+        w_aug = solve_spd(g + ridge * jnp.eye(g.shape[0], dtype=g.dtype), a.T @ z)
     return {"w": w_aug[:-1], "b": w_aug[-1]} if has_bias else {"w": w_aug}
 
 
@@ -106,7 +127,7 @@ def solve_activations(z_next: Array, layer_next: dict[str, Array], h: Array, bet
     rhs = beta * ((z_next - layer_next["b"]) if "b" in layer_next else z_next) @ w.T
     rhs = rhs + gamma * h
     m = beta * (w @ w.T) + gamma * jnp.eye(w.shape[0], dtype=w.dtype)
-    return jnp.linalg.solve(m, rhs.T).T  # m is symmetric
+    return solve_spd(m, rhs.T).T  # m is symmetric positive definite
 
 
 def solve_relu_preacts(a: Array, m: Array, beta: float, gamma: float) -> Array:
@@ -149,7 +170,7 @@ def solve_output(m: Array, lam: Array, y: Array, beta: float, output_loss: str) 
 
 def admm_iteration(params: Params, z: list[Array], a: list[Array], lam: Array, x: Array,
                    y: Array, *, beta: float, gamma: float, output_loss: str,
-                   update_multiplier: Array | bool = True,
+                   update_multiplier: Array | bool = True, weight_solve: str = "pinv",
                    ) -> tuple[Params, list[Array], list[Array], Array]:
     r"""One pass of the paper's Algorithm 1 on a batch (rows of ``x``, ``z``, ``a``, ``lam``):
 
@@ -163,7 +184,8 @@ def admm_iteration(params: Params, z: list[Array], a: list[Array], lam: Array, x
 
     with ``a_0 = x``, ``h`` = ReLU and ``W_{l+1}`` in the ``a_l`` solve still the old one (it
     is solved later in the sweep). ``update_multiplier`` False skips the last line (warm
-    start). Returns the solved params and the new ``z``, ``a``, ``lambda``.
+    start); ``weight_solve`` picks `solve_weights`' method. Returns the solved params and
+    the new ``z``, ``a``, ``lambda``.
     """
     num = len(params)
     z, a = list(z), list(a)
@@ -171,12 +193,12 @@ def admm_iteration(params: Params, z: list[Array], a: list[Array], lam: Array, x
     a_prev = x
     for i in range(num - 1):
         has_bias = "b" in params[i]
-        new_params[i] = solve_weights(a_prev, z[i], has_bias)
+        new_params[i] = solve_weights(a_prev, z[i], has_bias, weight_solve)
         a[i] = solve_activations(z[i + 1], params[i + 1], jax.nn.relu(z[i]), beta, gamma)
         z[i] = solve_relu_preacts(a[i], _linear(new_params[i], a_prev), beta, gamma)
         a_prev = a[i]
     last = num - 1
-    new_params[last] = solve_weights(a_prev, z[last], "b" in params[last])
+    new_params[last] = solve_weights(a_prev, z[last], "b" in params[last], weight_solve)
     m = _linear(new_params[last], a_prev)
     z[last] = solve_output(m, lam, y, beta, output_loss)
     lam = jnp.where(update_multiplier, lam + beta * (z[last] - m), lam)
@@ -184,7 +206,7 @@ def admm_iteration(params: Params, z: list[Array], a: list[Array], lam: Array, x
 
 
 def _check_options(beta: float, gamma: float, num_examples: int, output_loss: str,
-                   warm_start: int) -> None:
+                   warm_start: int, weight_solve: str) -> None:
     for opt, v in (("beta", beta), ("gamma", gamma)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ValueError(f"admm: {opt} must be a positive number, got {v!r}")
@@ -194,6 +216,7 @@ def _check_options(beta: float, gamma: float, num_examples: int, output_loss: st
                          f"size: the per-example variables have that many rows), got "
                          f"{num_examples!r}")
     check_choice("admm", "output_loss", output_loss, OUTPUT_LOSSES)
+    check_choice("admm", "weight_solve", weight_solve, WEIGHT_SOLVES)
     if isinstance(warm_start, bool) or not isinstance(warm_start, int) or warm_start < 0:
         raise ValueError(f"admm: warm_start must be an integer >= 0 (steps without multiplier "
                          f"updates), got {warm_start!r}")
@@ -212,7 +235,8 @@ def _require_relu_mlp(network: Any, name: str) -> None:
 
 
 def admm(beta: float = 1.0, gamma: float = 10.0, num_examples: int | None = None, *,
-         output_loss: str = "squared_error", warm_start: int = 0) -> LearningRule:
+         output_loss: str = "squared_error", warm_start: int = 0,
+         weight_solve: str = "pinv") -> LearningRule:
     r"""ADMM / Bregman training of a ReLU `fbalign.models.mlp` without gradients (Taylor et al.
     2016, "Training neural networks without gradients: a scalable ADMM approach").
 
@@ -254,6 +278,8 @@ def admm(beta: float = 1.0, gamma: float = 10.0, num_examples: int | None = None
         Measured here: from a random network, multiplier updates from step 0 anchor the
         output variables halfway between the initial outputs and the targets (the weight
         solve ignores lambda), and training stalls; a few warm-start steps avoid that.
+      weight_solve: how the weight blocks are solved (`solve_weights`): ``"pinv"`` (the paper's
+        pseudo-inverse, an SVD) or ``"cholesky"`` (ridge-regularised normal equations, faster).
 
     Returns:
       A `LearningRule` with an `ADMMState`. Metrics: ``admm_constraint`` (per example, ``\|z_L
@@ -272,7 +298,7 @@ def admm(beta: float = 1.0, gamma: float = 10.0, num_examples: int | None = None
       >>> fbalign.train.fit(fbalign.mlp((30, 64, 10), activation="relu"), rule,
       ...                   optax.sgd(1.0), data, loss="squared_error", batch_size=500)
     """
-    _check_options(beta, gamma, num_examples, output_loss, warm_start)
+    _check_options(beta, gamma, num_examples, output_loss, warm_start, weight_solve)
     name = "admm"
 
     def init_fn(key: PRNGKey, params: Params, network: Any = None) -> ADMMState:
@@ -323,7 +349,7 @@ def admm(beta: float = 1.0, gamma: float = 10.0, num_examples: int | None = None
         lam = jnp.where(seen, state.lam[idx], 0)
         solved, z, a, lam = admm_iteration(
             params, z, a, lam, x, y, beta=beta, gamma=gamma, output_loss=output_loss,
-            update_multiplier=state.step >= warm_start)
+            update_multiplier=state.step >= warm_start, weight_solve=weight_solve)
         updates = jax.tree.map(lambda p, s: p - s, params, solved)
         new_state = ADMMState(
             tuple(s.at[idx].set(v) for s, v in zip(state.z, z, strict=True)),

@@ -25,6 +25,7 @@ from fbalign._src.base import (
     Updates,
 )
 from fbalign._src.checks import check_choice
+from fbalign._src.linalg import solve_spd
 from fbalign._src.models import require_mlp
 
 LABEL_KERNELS = ("gaussian", "linear")
@@ -98,8 +99,7 @@ def _regularized(k: Array, epsilon: float) -> Array:
     K``: both are functions of ``\bar K``), by a Cholesky solve."""
     m = k.shape[0]
     kc = center(k)
-    return jax.scipy.linalg.solve(kc + epsilon * m * jnp.eye(m, dtype=k.dtype), kc,
-                                  assume_a="pos")
+    return solve_spd(kc + epsilon * m * jnp.eye(m, dtype=k.dtype), kc)
 
 
 def _is_positive(v: Any) -> bool:
