@@ -446,3 +446,34 @@ def test_a_run_too_big_for_the_machine_fails_fast_with_the_estimate(tmp_path, ca
     monkeypatch.setattr(cli, "_available_memory", lambda: (2**16, "a 64 KiB test machine"))
     assert main(args + ["--hidden", "32", "--out", str(tmp_path / "small")]) == 2
     assert "more than the 0.0 GiB of a 64 KiB test machine" in capsys.readouterr().err
+
+
+def test_the_memory_check_counts_an_evolution_strategys_population(tmp_path, capsys,
+                                                                    monkeypatch):
+    """The estimate holds the population's params and noise and the members evaluated at once:
+    256 members x a batch of 64 do not fit an 8 MiB machine, and the error names chunk_size;
+    with chunk_size=2 the same run passes the check (it reaches the run directory)."""
+    import fbalign._src.cli as cli
+
+    monkeypatch.setattr(cli, "_available_memory", lambda: (8 * 2**20, "an 8 MiB test machine"))
+
+    class Passed(Exception):
+        pass
+
+    def reached(args):
+        raise Passed
+
+    monkeypatch.setattr(cli, "prepare_out", reached)
+    args = ["train", "--rule", "es", "--dataset", "digits", "--hidden", "32", "--epochs", "1",
+            "--batch-size", "64", "--no-progress", "--out", str(tmp_path / "es"),
+            "--rule-arg", "population_size=256"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "of the population" in err and "--rule-arg chunk_size=N (N < 256)" in err
+    with pytest.raises(Passed):
+        main(args + ["--rule-arg", "chunk_size=2"])
+    # a conv net's feature maps count too (they counted 0 before: LeNet-5 has no `sizes`)
+    lenet = fb.models.lenet5()
+    mnist_like = load_digits()._replace(x_train=np.zeros((2, 784), np.float32))
+    assert cli._activation_bytes(lenet, lenet.init(jax.random.PRNGKey(0)),
+                                 mnist_like) >= 2 * 28 * 28 * 6 * 4  # conv 1: pre, out

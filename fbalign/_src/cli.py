@@ -767,13 +767,45 @@ def _available_memory() -> tuple[int, str] | None:
     return None
 
 
+def _nbytes(tree: Any) -> int:
+    import jax
+    import numpy as np
+
+    return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def _activation_bytes(model, params, data) -> int:
+    """Bytes of one example's recorded activations (the tape of ``model.forward``: every
+    layer's input, pre-activation and output; traced, not run), else of the MLP's widths."""
+    import jax
+
+    if hasattr(model, "forward"):
+        x1 = jax.ShapeDtypeStruct((1, *data.x_train.shape[1:]), data.x_train.dtype)
+        return _nbytes(jax.eval_shape(model.forward, params, x1))
+    return sum(getattr(model, "sizes", ())[1:]) * 4
+
+
+def _population_bytes(args, params: int, act: int) -> tuple[int, str]:
+    """An evolution strategy's extra memory: the population's params and noise (2 P copies)
+    and the forward activations of ``chunk_size`` members at a time; and the advice."""
+    if args.rule != "es":
+        return 0, ""
+    kw = _rule_kwargs(args)
+    pop = int(kw.get("population_size", 64))
+    chunk = int(kw.get("chunk_size") or pop)
+    advice = (f"; the population of {pop} holds {pop} copies of the params and evaluates "
+              f"{chunk} at a time: give --rule-arg chunk_size=N (N < {chunk}) or a smaller "
+              "--rule-arg population_size")
+    return 2 * pop * params + chunk * args.batch_size * act, advice
+
+
 def _check_memory(args, model, optimizer, data) -> None:
     """A usage error before anything is allocated when the run cannot fit: the training state
     (params, optimizer and rule state; traced, not allocated) times the seeds, plus the
-    activations of a batch (three copies of every layer's output, forward and backward) and the
+    activations of a batch (three copies of every recorded activation, forward and backward;
+    for an evolution strategy, its population and the members evaluated at once) and the
     training set, against the memory the device has."""
     import jax
-    import numpy as np
 
     from fbalign._src.train import init_train_state
 
@@ -783,17 +815,19 @@ def _check_memory(args, model, optimizer, data) -> None:
     shapes = jax.eval_shape(lambda k: init_train_state(model, args.rule, optimizer, k,
                                                        _rule_kwargs(args)),
                             jax.random.PRNGKey(0))
-    state = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
-    widths = sum(getattr(model, "sizes", ())[1:]) or 0
-    acts = 3 * args.batch_size * widths * 4
-    need = args.seeds * (state + acts) + data.x_train.nbytes
+    state = _nbytes(shapes)
+    act = _activation_bytes(model, shapes.params, data)
+    acts = 3 * args.batch_size * act
+    pop, advice = _population_bytes(args, _nbytes(shapes.params), act)
+    need = args.seeds * (state + acts + pop) + data.x_train.nbytes
     if need > avail[0]:
         gib = 2.0**30
+        extra = f"{pop / gib:.2f} GiB of the population + " if pop else ""
         raise UsageError(f"this run needs about {need / gib:.1f} GiB ({args.seeds} x "
                          f"{state / gib:.2f} GiB of params, optimizer and rule state + "
-                         f"{acts / gib:.2f} GiB of activations, + the data), more than the "
-                         f"{avail[0] / gib:.1f} GiB of {avail[1]}; use smaller --hidden, "
-                         "--batch-size or --seeds")
+                         f"{acts / gib:.2f} GiB of activations + {extra}the data), more "
+                         f"than the {avail[0] / gib:.1f} GiB of {avail[1]}; use smaller "
+                         f"--hidden, --batch-size or --seeds{advice}")
 
 
 def _warn_kolen_pollack_optimizer(args) -> None:
