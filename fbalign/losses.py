@@ -1,5 +1,5 @@
 """Losses (mean over the batch)."""
 
-from fbalign._src.losses import LOSSES, cross_entropy, get_loss, squared_error
+from fbalign._src.losses import LOSSES, binary_hinge, cross_entropy, get_loss, squared_error
 
-__all__ = ["LOSSES", "cross_entropy", "get_loss", "squared_error"]
+__all__ = ["LOSSES", "binary_hinge", "cross_entropy", "get_loss", "squared_error"]

@@ -308,6 +308,13 @@ def test_wrong_loss_network_or_parallelism_raise():
     idx = jnp.arange(10)
     with pytest.raises(ValueError, match="cross-entropy"):
         rule.step(params, state, Batch(xs, ys, idx), None, StepContext(model, cross_entropy))
+    with pytest.raises(ValueError, match="training loss is binary_hinge"):
+        rule.step(params, state, Batch(xs, ys, idx), None, StepContext(model, binary_hinge))
+    hinge = admm(num_examples=10, output_loss="hinge")
+    with pytest.raises(ValueError, match="output_loss='hinge', but the training loss is "
+                                         "squared_error"):
+        hinge.step(params, hinge.init(None, params, model), Batch(xs, ys, idx), None,
+                   StepContext(model, squared_error))
     with pytest.raises(NotImplementedError, match="data parallelism"):
         rule.step(params, state, Batch(xs, ys, idx), None,
                   StepContext(model, squared_error, "data"))

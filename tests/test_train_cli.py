@@ -315,6 +315,21 @@ def test_admm_run_gets_its_defaults_said_and_saved_and_a_probe_with_indices(tmp_
     assert recs[-1]["test_error"] < 30  # closed-form solves on the full batch: ~5% (chance 90%)
 
 
+@pytest.mark.parametrize("given,said", [
+    (["--loss", "hinge"], "--rule-arg output_loss=hinge (for --loss hinge)"),
+    (["--rule-arg", "output_loss=hinge"], "--loss hinge (for --rule-arg output_loss=hinge)"),
+])
+def test_admm_with_the_papers_hinge_loss_from_either_flag(given, said, tmp_path, capsys):
+    """Taylor et al.'s binary hinge: --loss hinge and ADMM's output block solved for it go
+    together, whichever of the two the command line names."""
+    out = tmp_path / "admm"
+    assert main(["train", "--rule", "admm", "--dataset", "digits", "--hidden", "16", "--epochs",
+                 "1", "--out", str(out), "--no-progress", *given]) == 0
+    assert said in capsys.readouterr().err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["loss"] == "hinge" and cfg["rule_args"]["output_loss"] == "hinge"
+
+
 @pytest.mark.parametrize("argv,msg", [
     # an option the rule cannot work with, given explicitly, is refused by the rule by name
     (["--rule", "admm", "--activation", "tanh"], "ReLU only; the network has activation='tanh'"),

@@ -641,6 +641,8 @@ def cmd_train(args) -> int:
     devices = _check_devices(args)
     primary = jax.process_index() == 0  # only process 0 writes the run directory
     data = _load_train_data(args)
+    if args.rule == "admm" and not resuming:
+        _admm_run_defaults(args, len(data.x_train))
     loss = args.loss or ("cross_entropy" if data.num_classes else "squared_error")
     activation = args.activation
     if args.model == "hopfield" and "activation" not in (getattr(args, "given_options", None)
@@ -649,8 +651,6 @@ def cmd_train(args) -> int:
     model = build_model(args.model, data.input_dim, data.output_dim, args.hidden, activation,
                         args.output_activation)
     optimizer = make_optimizer(args.optimizer, args.lr, args.momentum, args.weight_decay)
-    if args.rule == "admm" and not resuming:
-        _admm_run_defaults(args, len(data.x_train))
     _check_rule_init(args, model)
     _warn_kolen_pollack_optimizer(args)
     _check_memory(args, model, optimizer, data)
@@ -738,10 +738,18 @@ def _admm_run_defaults(args, n_train: int) -> None:
     (from a random network, multiplier updates from step 0 stall; see `fbalign.rules.admm`)."""
     args.rule_args.setdefault("num_examples", n_train)
     chosen = []
+    given = getattr(args, "given_options", None) or ()
+    # the output block is solved for the training loss: --loss hinge <-> output_loss=hinge
+    if args.loss == "hinge" and "output_loss" not in args.rule_args:
+        args.rule_args["output_loss"] = "hinge"
+        chosen.append("--rule-arg output_loss=hinge (for --loss hinge)")
+    elif args.rule_args.get("output_loss") == "hinge" and "loss" not in given:
+        args.loss = "hinge"
+        chosen.append("--loss hinge (for --rule-arg output_loss=hinge)")
     if "warm_start" not in args.rule_args:
         args.rule_args["warm_start"] = 10
         chosen.append("--rule-arg warm_start=10")
-    if "batch_size" not in (getattr(args, "given_options", None) or ()):
+    if "batch_size" not in given:
         args.batch_size = n_train
         chosen.append(f"--batch-size {n_train} (the whole training set)")
     if chosen:

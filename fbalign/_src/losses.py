@@ -36,7 +36,19 @@ def squared_error(y: Float[Array, "*batch n_out"], target: Target) -> Float[Arra
     return 0.5 * jnp.mean(jnp.sum((y - t) ** 2, axis=-1))
 
 
-LOSSES: dict[str, Loss] = {"cross_entropy": cross_entropy, "squared_error": squared_error}
+def binary_hinge(output: Float[Array, "*batch n_out"], target: Target) -> Float[Array, ""]:
+    r"""Taylor et al.'s (2016) binary hinge loss, per output unit, summed over units and averaged
+    over the batch: ``\ell(z, y) = \max(1 - z, 0)`` for ``y = 1`` and ``\max(z, 0)`` for ``y =
+    0``. ``target``: ``(batch, n_out)`` in ``{0, 1}``, or integer class indices ``(batch,)``
+    (one-vs-all: one-hot). ``--loss hinge``; with `fbalign.rules.admm`, whose output block is
+    solved for it with ``output_loss="hinge"``."""
+    t = _targets_like(output, target)
+    per = jnp.where(t > 0.5, jnp.maximum(1 - output, 0), jnp.maximum(output, 0))
+    return jnp.mean(jnp.sum(per, axis=-1))
+
+
+LOSSES: dict[str, Loss] = {"cross_entropy": cross_entropy, "squared_error": squared_error,
+                           "hinge": binary_hinge}
 
 
 def get_loss(name: str) -> Loss:

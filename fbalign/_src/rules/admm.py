@@ -25,7 +25,7 @@ from fbalign._src.base import (
 )
 from fbalign._src.checks import check_choice
 from fbalign._src.linalg import pinv, solve_spd
-from fbalign._src.losses import cross_entropy
+from fbalign._src.losses import binary_hinge, cross_entropy, squared_error
 from fbalign._src.models import require_mlp
 
 OUTPUT_LOSSES = ("squared_error", "hinge")
@@ -52,23 +52,6 @@ class ADMMState(NamedTuple):
     lam: Array
     seen: Array
     step: Array
-
-
-def binary_hinge(output: Array, target: Array) -> Array:
-    r"""The paper's binary hinge loss, per output unit, summed over units and averaged over the
-    batch: ``\ell(z, y) = \max(1 - z, 0)`` for ``y = 1`` and ``\max(z, 0)`` for ``y = 0``.
-    ``target``: ``(batch, n_out)`` in ``{0, 1}``, or integer class indices ``(batch,)`` (one-vs-
-    all: one-hot). Pass it to `fbalign.train.fit` (``loss=binary_hinge``) with
-    ``admm(output_loss="hinge")``."""
-    t = _binary_targets(output, target)
-    per = jnp.where(t > 0.5, jnp.maximum(1 - output, 0), jnp.maximum(output, 0))
-    return jnp.mean(jnp.sum(per, axis=-1))
-
-
-def _binary_targets(output: Array, target: Array) -> Array:
-    if jnp.issubdtype(target.dtype, jnp.integer) and target.ndim == output.ndim - 1:
-        return jax.nn.one_hot(target, output.shape[-1], dtype=output.dtype)
-    return target.astype(output.dtype)
 
 
 def _regression_targets(output: Array, target: Array) -> Array:
@@ -158,7 +141,7 @@ def solve_output(m: Array, lam: Array, y: Array, beta: float, output_loss: str) 
     if output_loss == "squared_error":
         t = _regression_targets(m, y)
         return (t - lam + 2 * beta * m) / (1 + 2 * beta)
-    t = _binary_targets(m, y)
+    t = _regression_targets(m, y)  # one-hot for class indices
     # y = 1: l = max(1 - z, 0): slope -1 left of z = 1, 0 right of it.
     left1, right1 = m + (1 - lam) / (2 * beta), m - lam / (2 * beta)
     z1 = jnp.where(right1 >= 1, right1, jnp.where(left1 <= 1, left1, 1.0))
@@ -222,6 +205,22 @@ def _check_options(beta: float, gamma: float, num_examples: int, output_loss: st
                          f"updates), got {warm_start!r}")
 
 
+_LOSS_OF = {"squared_error": squared_error, "hinge": binary_hinge}
+
+
+def _check_loss(loss: Any, output_loss: str) -> None:
+    """The training loss must be the one the output block is solved for (a user's own loss
+    function is taken as given)."""
+    if loss is _LOSS_OF[output_loss]:
+        return
+    if loss is cross_entropy or loss in _LOSS_OF.values():
+        name = "cross-entropy" if loss is cross_entropy else loss.__name__
+        raise ValueError(f"admm solves the output block for output_loss={output_loss!r}, but the "
+                         f"training loss is {name}: train with loss='squared_error' and "
+                         "output_loss='squared_error', or loss='hinge' (fbalign.losses."
+                         "binary_hinge; --loss hinge) and output_loss='hinge'")
+
+
 def _require_relu_mlp(network: Any, name: str) -> None:
     require_mlp(network, name, _WHY)
     if network.num_layers > 1 and network.activation != "relu":
@@ -273,7 +272,7 @@ def admm(beta: float = 1.0, gamma: float = 10.0, num_examples: int | None = None
         builds the rule but its ``init`` raises.
       output_loss: the loss ``\ell`` the output block is solved for: ``"squared_error"``
         (train with ``loss="squared_error"``) or ``"hinge"`` (the paper's binary hinge; train
-        with ``loss=binary_hinge``).
+        with ``loss="hinge"``, `fbalign.losses.binary_hinge`).
       warm_start: steps without multiplier updates at the start (0: Algorithm 1 as written).
         Measured here: from a random network, multiplier updates from step 0 anchor the
         output variables halfway between the initial outputs and the targets (the weight
@@ -329,11 +328,7 @@ def admm(beta: float = 1.0, gamma: float = 10.0, num_examples: int | None = None
                 f"admm under data parallelism (axis_name={context.axis_name!r}) is not "
                 "supported: its weight solve and per-example state need the whole batch on one "
                 "device; train without devices=/axis_name")
-        if context.loss is cross_entropy:
-            raise ValueError("admm solves the output block for output_loss "
-                             f"{output_loss!r}, not cross-entropy: train with "
-                             "loss='squared_error' (output_loss='squared_error') or "
-                             "loss=binary_hinge (output_loss='hinge')")
+        _check_loss(context.loss, output_loss)
         x, y, idx = batch.x, batch.y, batch.index
         # the forward pass: the reported loss, and the start of unseen examples' variables
         fz, fa, h = [], [], x
