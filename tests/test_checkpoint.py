@@ -114,6 +114,36 @@ def test_restore_into_other_config_names_the_leaf(tmp_path):
         C.load_checkpoint(tmp_path, target=jax.eval_shape(lambda: _state((4, 6, 6, 3))))
 
 
+def _drop_field(sd, field):
+    """The state dict as a checkpoint written before a NamedTuple gained ``field`` holds it."""
+    if isinstance(sd, dict):
+        return {k: _drop_field(v, field) for k, v in sd.items() if k != field}
+    return sd
+
+
+@pytest.mark.parametrize("rule,field,used", [
+    ("pal", "low_pass", {"tau_lo": 5.0}),
+    ("dtp", "random_layer", None),
+])
+def test_a_checkpoint_from_before_a_new_none_field_restores(tmp_path, rule, field, used):
+    """PALState.low_pass and TargetPropState.random_layer were added after checkpoints had been
+    written; they default to None and stay None unless an option uses them. An old checkpoint
+    restores into a state that does not use the field; one that uses it names what is missing."""
+    model, opt = fb.mlp((4, 6, 3)), optax.adam(1e-3)
+    state = init_train_state(model, rule, opt, jax.random.PRNGKey(0))
+    C.save_checkpoint(tmp_path, state, {"step": 1})
+    meta, sd = C.read_checkpoint(C.latest_checkpoint(tmp_path))
+    old = _drop_field(sd, field)
+    assert old != sd  # the field was there to drop
+    restored = C.restore_state(jax.eval_shape(lambda: state), old)
+    _assert_bit_identical(restored, state)
+    if used is not None:  # a state that uses the field cannot come from the old file
+        target = jax.eval_shape(lambda: init_train_state(
+            model, fb.rules.get_rule(rule, **used), opt, jax.random.PRNGKey(0)))
+        with pytest.raises(C.CheckpointError, match=field):
+            C.restore_state(target, old)
+
+
 def test_nonfinite_state_is_never_saved(tmp_path):
     st = _state()
     C.save_checkpoint(tmp_path, st, {"step": 1})

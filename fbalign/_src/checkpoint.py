@@ -289,6 +289,30 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     return meta, state_dict
 
 
+def add_new_none_fields(target: Any, state_dict: Any) -> Any:
+    """``state_dict`` with the fields it lacks of ``target``'s NamedTuples added as None, where
+    the field defaults to None and is None in ``target``: a checkpoint written before a rule
+    state gained such a field (`PALState.low_pass`, `TargetPropState.random_layer`) restores
+    into a state that does not use it. A missing field that ``target`` uses stays missing, and
+    the restore names it."""
+    if isinstance(target, tuple) and hasattr(target, "_fields") and isinstance(state_dict, dict):
+        out = dict(state_dict)
+        for f in target._fields:
+            v = getattr(target, f)
+            if f in out:
+                out[f] = add_new_none_fields(v, out[f])
+            elif v is None and f in target._field_defaults and target._field_defaults[f] is None:
+                out[f] = None
+        return out
+    if isinstance(target, dict) and isinstance(state_dict, dict):
+        return {k: add_new_none_fields(target[k], v) if k in target else v
+                for k, v in state_dict.items()}
+    if isinstance(target, (list, tuple)) and isinstance(state_dict, dict):
+        return {k: add_new_none_fields(target[int(k)], v)
+                if k.isdigit() and int(k) < len(target) else v for k, v in state_dict.items()}
+    return state_dict
+
+
 def restore_state(target: Any, state_dict: dict[str, Any], source: str = "checkpoint") -> Any:
     """Restores ``state_dict`` into the structure of ``target`` (same tree, shapes and dtypes,
     else `CheckpointError` naming the first differing leaf). ``target`` may hold arrays or
@@ -298,6 +322,7 @@ def restore_state(target: Any, state_dict: dict[str, Any], source: str = "checkp
 
     raw_target = jax.tree.map(
         lambda a: jax.eval_shape(jax.random.key_data, a) if _is_key(a) else a, target)
+    state_dict = add_new_none_fields(raw_target, state_dict)
     try:
         restored = serialization.from_state_dict(raw_target, state_dict)
         check_tree_matches(raw_target, restored, "state", "the state built from the config")
