@@ -1,6 +1,14 @@
 """Sign-based optimizers as optax transformations, usable with every rule: RProp (a correct one;
-optax 0.2.8's emits the previous step's update), signSGD and Signum (optax's)."""
+optax 0.2.8's emits the previous step's update), signSGD and Signum (optax's); and
+`lr_schedule`, learning-rate schedules with their times in epochs."""
 
-from fbalign._src.optimizers import RpropState, rprop, signsgd, signum
+from fbalign._src.optimizers import (
+    LR_SCHEDULES,
+    RpropState,
+    lr_schedule,
+    rprop,
+    signsgd,
+    signum,
+)
 
-__all__ = ["RpropState", "rprop", "signsgd", "signum"]
+__all__ = ["LR_SCHEDULES", "RpropState", "lr_schedule", "rprop", "signsgd", "signum"]

@@ -139,3 +139,87 @@ def test_trains_feedback_alignment_through_fit(make):
 def test_bad_options_are_refused(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedules in epochs (fb.optimizers.lr_schedule; --lr-schedule)
+
+def _ref_schedule(kind, lr, t, spe, decay=None, every=1, milestones=(), horizon=None, warmup=0):
+    """The schedules' formulas, written out per step ``t`` (``spe`` steps an epoch)."""
+    w = warmup * spe
+    if t < w:
+        return lr * t / w
+    s = t - w
+    if kind == "constant":
+        return lr
+    if kind == "cosine":
+        return lr * 0.5 * (1 + np.cos(np.pi * min(s, horizon * spe) / (horizon * spe)))
+    if kind == "exponential":
+        return lr * decay ** (s // (every * spe))
+    return lr * decay ** sum(s >= m * spe for m in milestones)
+
+
+@pytest.mark.parametrize("kind,kw", [
+    ("constant", {"warmup": 2}),
+    ("cosine", {"horizon": 4}),
+    ("cosine", {"horizon": 3, "warmup": 1}),
+    ("exponential", {"decay": 0.5, "every": 2}),
+    ("step", {"decay": 0.1, "milestones": (2, 5)}),
+])
+def test_lr_schedule_follows_its_formula_in_epochs(kind, kw):
+    spe, lr = 7, 0.3
+    sched = fb.optimizers.lr_schedule(lr, kind, steps_per_epoch=spe, **kw)
+    for t in range(0, 9 * spe):
+        np.testing.assert_allclose(float(sched(t)), _ref_schedule(kind, lr, t, spe, **kw),
+                                   rtol=1e-5, atol=1e-8, err_msg=f"{kind} {kw} step {t}")
+    assert fb.optimizers.lr_schedule(lr) == lr  # constant without warm-up: the plain rate
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"kind": "cosine", "decay": 0.5, "horizon": 3}, "'cosine' does not use decay"),
+    ({"kind": "step", "decay": 0.5}, "needs milestones"),
+    ({"kind": "step", "decay": 0.5, "milestones": (3, 2)}, "increasing epochs"),
+    ({"kind": "exponential"}, "needs decay"),
+    ({"kind": "exponential", "decay": 1.5}, "needs decay, a factor in"),
+    ({"kind": "cosine"}, "needs horizon"),
+    ({"kind": "linear"}, "unknown kind 'linear'"),
+    ({"kind": "constant", "warmup": -1}, "warmup must be"),
+])
+def test_lr_schedule_refuses_what_it_would_ignore_or_cannot_do(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        fb.optimizers.lr_schedule(0.1, **kw)
+
+
+def test_cli_schedules_decay_the_rate_by_epoch_and_are_saved(tmp_path, capsys):
+    """--lr-schedule through `fbalign train`: a step schedule that zeroes the rate after epoch 1
+    leaves the params of epoch 2 where epoch 1 left them; a cosine run saves its length, so a
+    resumed run keeps it; flags the schedule does not use are refused."""
+    import json
+
+    from fbalign.cli import main
+
+    base = ["train", "--rule", "fa", "--dataset", "digits", "--hidden", "16", "--no-progress",
+            "--optimizer", "sgd", "--lr", "0.05"]
+    out = tmp_path / "step"
+    assert main(base + ["--epochs", "2", "--out", str(out), "--lr-schedule", "step",
+                        "--lr-milestones", "1", "--lr-decay", "1e-30"]) == 0
+    runs = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    ends = [r for r in runs if r.get("kind") == "epoch"]
+    assert len(ends) == 2 and ends[0]["test_error"] == ends[1]["test_error"], ends
+    out = tmp_path / "cos"
+    assert main(base + ["--epochs", "1", "--out", str(out), "--lr-schedule", "cosine"]) == 0
+    assert json.loads((out / "config.json").read_text())["lr_decay_epochs"] == 1
+    # resumed with more epochs, the cosine keeps its length (its rate stays 0 past it)
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--no-progress"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["lr_decay_epochs"] == 1 and cfg["epochs"] == 2
+    recs = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    ends = [r for r in recs if r.get("kind") == "epoch"]
+    assert len(ends) == 2 and ends[0]["test_error"] == ends[1]["test_error"], ends
+    capsys.readouterr()
+    assert main(base + ["--epochs", "1", "--out", str(tmp_path / "bad"), "--lr-schedule",
+                        "cosine", "--lr-milestones", "2"]) == 2
+    assert "--lr-schedule cosine does not use --lr-milestones" in capsys.readouterr().err
+    assert main(base + ["--epochs", "1", "--out", str(tmp_path / "bad2"), "--lr-schedule",
+                        "step", "--lr-milestones", "2"]) == 2
+    assert "needs --lr-decay" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fbalign._src.optimizers import LR_SCHEDULES, lr_schedule
 from fbalign._src.rule_args import (
     UsageError,
     check_rule_builds,
@@ -59,6 +60,21 @@ def _names(kind: str, valid: Sequence[str]) -> Callable[[str], str]:
         return value
 
     return check
+
+
+def _milestones(value: str) -> tuple[int, ...]:
+    if value.strip() in ("", "none"):  # none: a saved run's empty list (config.json)
+        return ()
+    try:
+        epochs = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--lr-milestones takes comma-separated epochs such as 100,150; got {value!r}"
+        ) from None
+    if any(e < 1 for e in epochs) or list(epochs) != sorted(set(epochs)):
+        raise argparse.ArgumentTypeError(f"--lr-milestones must be increasing epochs >= 1, got "
+                                         f"{value!r}")
+    return epochs
 
 
 def _hidden(value: str) -> tuple[int, ...]:
@@ -138,6 +154,43 @@ def make_optimizer(name: str, lr: float, momentum: float = 0.0, weight_decay: fl
     return base
 
 
+_SCHEDULE_FLAGS = {"lr_decay": "--lr-decay", "lr_decay_every": "--lr-decay-every",
+                   "lr_milestones": "--lr-milestones", "lr_decay_epochs": "--lr-decay-epochs"}
+_SCHEDULE_USES = {"constant": (), "cosine": ("lr_decay_epochs",),
+                  "exponential": ("lr_decay", "lr_decay_every"),
+                  "step": ("lr_decay", "lr_milestones")}
+
+
+def _learning_rate(args, n_train: int):
+    """--lr, or the --lr-schedule over optimizer steps (``n_train // --batch-size`` a epoch, as
+    `fit` runs them). A cosine schedule's length is fixed when the run starts (--lr-decay-epochs,
+    saved in config.json), so a resumed run with more epochs keeps it. Flags the schedule does
+    not use, or missing ones it needs, are usage errors."""
+    kind = args.lr_schedule
+    given = getattr(args, "given_options", None) or ()
+    unused = [_SCHEDULE_FLAGS[k] for k in _SCHEDULE_FLAGS
+              if k in given and k not in _SCHEDULE_USES[kind]]
+    if unused:
+        raise UsageError(f"--lr-schedule {kind} does not use {', '.join(unused)}; it takes "
+                         f"{', '.join(_SCHEDULE_FLAGS[k] for k in _SCHEDULE_USES[kind]) or 'none'}")
+    if "lr_decay" in _SCHEDULE_USES[kind] and args.lr_decay is None:
+        raise UsageError(f"--lr-schedule {kind} needs --lr-decay F, the factor (e.g. 0.1)")
+    if kind == "step" and not args.lr_milestones:
+        raise UsageError("--lr-schedule step needs --lr-milestones E1,E2,... (epochs)")
+    if kind != "constant" and args.optimizer == "rprop":
+        raise UsageError(f"--lr-schedule {kind} with --optimizer rprop: RProp adapts its own step "
+                         "sizes (--lr is only its first); use another optimizer or --lr-schedule "
+                         "constant")
+    if kind == "cosine" and args.lr_decay_epochs is None:
+        args.lr_decay_epochs = args.epochs
+    return lr_schedule(args.lr, kind, steps_per_epoch=max(n_train // args.batch_size, 1),
+                       decay=args.lr_decay if kind in ("exponential", "step") else None,
+                       every=args.lr_decay_every if kind == "exponential" else 1,
+                       milestones=tuple(args.lr_milestones) if kind == "step" else (),
+                       horizon=args.lr_decay_epochs if kind == "cosine" else None,
+                       warmup=args.warmup_epochs)
+
+
 def build_model(name: str, input_dim: int, output_dim: int, hidden: Sequence[int],
                 activation: str, output_activation: str):
     """A model by CLI name: ``mlp``, ``lenet5`` (28x28x1 inputs; ``hidden`` is ignored),
@@ -210,11 +263,7 @@ def _add_train_args(p: argparse.ArgumentParser, rule: bool = True) -> None:
                    help="minibatch size (default 64)")
     p.add_argument("--optimizer", type=_names("optimizer", OPTIMIZERS), default="adam",
                    help=f"{', '.join(OPTIMIZERS)} (default adam)")
-    p.add_argument("--lr", type=_positive(float), default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument("--momentum", type=_number(float, 0, 1, high_open=True), default=0.0,
-                   help="momentum for sgd/rmsprop/signum (signum: 0 means its default 0.9)")
-    p.add_argument("--weight-decay", type=_number(float, 0), default=0.0,
-                   help="decoupled weight decay on params (never on feedback)")
+    _add_optimizer_args(p)
     p.add_argument("--feedback-init", default="gaussian",
                    type=_names("feedback init", ["gaussian", "uniform", "orthogonal", "xavier"]),
                    help="feedback matrix distribution for fa/dfa (default gaussian)")
@@ -249,6 +298,30 @@ def _add_train_args(p: argparse.ArgumentParser, rule: bool = True) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing run directory")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _add_optimizer_args(p: argparse.ArgumentParser) -> None:
+    """The learning rate, its schedule, momentum and weight decay of ``fbalign train``."""
+    p.add_argument("--lr", type=_positive(float), default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--lr-schedule", type=_names("lr schedule", list(LR_SCHEDULES)),
+                   default="constant",
+                   help="constant (default); cosine (to 0 over --lr-decay-epochs, default "
+                        "--epochs); exponential (x --lr-decay every --lr-decay-every epochs); "
+                        "step (x --lr-decay at each of --lr-milestones)")
+    p.add_argument("--lr-decay", type=_number(float, 0, 1, low_open=True), default=None,
+                   help="the factor of exponential and step schedules")
+    p.add_argument("--lr-decay-every", type=_positive(int), default=1,
+                   help="epochs between exponential decays (default 1)")
+    p.add_argument("--lr-milestones", type=_milestones, default=(),
+                   help="epochs at which a step schedule decays, comma-separated")
+    p.add_argument("--lr-decay-epochs", type=_positive(int), default=None,
+                   help="the cosine schedule's length in epochs (default --epochs)")
+    p.add_argument("--warmup-epochs", type=_number(int, 0), default=0,
+                   help="epochs of linear learning-rate warm-up from 0 first (default 0)")
+    p.add_argument("--momentum", type=_number(float, 0, 1, high_open=True), default=0.0,
+                   help="momentum for sgd/rmsprop/signum (signum: 0 means its default 0.9)")
+    p.add_argument("--weight-decay", type=_number(float, 0), default=0.0,
+                   help="decoupled weight decay on params (never on feedback)")
 
 
 def data_seed(args) -> int:
@@ -650,7 +723,8 @@ def cmd_train(args) -> int:
         activation = "hard_sigmoid"  # the papers' rho, unless --activation names another
     model = build_model(args.model, data.input_dim, data.output_dim, args.hidden, activation,
                         args.output_activation)
-    optimizer = make_optimizer(args.optimizer, args.lr, args.momentum, args.weight_decay)
+    optimizer = make_optimizer(args.optimizer, _learning_rate(args, len(data.x_train)),
+                               args.momentum, args.weight_decay)
     _check_rule_init(args, model)
     _warn_kolen_pollack_optimizer(args)
     _check_memory(args, model, optimizer, data)

@@ -134,3 +134,74 @@ def signum(learning_rate: float | optax.Schedule,
             0 <= momentum < 1):
         raise ValueError(f"signum: momentum must be in [0, 1), got {momentum!r}")
     return optax.signum(learning_rate, beta=momentum)
+
+
+LR_SCHEDULES = ("constant", "cosine", "exponential", "step")
+
+
+def lr_schedule(learning_rate: float, kind: str = "constant", *, steps_per_epoch: int = 1,
+                decay: float | None = None, every: int = 1,
+                milestones: tuple[int, ...] = (), horizon: int | None = None,
+                warmup: int = 0) -> float | optax.Schedule:
+    r"""A learning-rate schedule over optimizer steps, with its times given in epochs
+    (``steps_per_epoch`` steps each); an optax schedule, or the plain rate for ``"constant"``
+    without warm-up.
+
+    * ``"constant"``: ``\eta``.
+    * ``"cosine"``: ``\eta \cdot \tfrac12 (1 + \cos(\pi t / T))`` with ``T`` = ``horizon``
+      epochs, then 0 (Loshchilov & Hutter 2017, "SGDR", without restarts).
+    * ``"exponential"``: ``\eta \cdot decay^{\lfloor t / every \rfloor}``: times ``decay``
+      every ``every`` epochs (a per-epoch decay with ``every=1``).
+    * ``"step"``: ``\eta \cdot decay^k`` after the ``k``-th of ``milestones`` (epochs).
+
+    ``warmup`` epochs of linear warm-up from 0 come first (the schedule then starts). Options
+    that the kind does not use are refused, so none is ignored silently.
+    """
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule: unknown kind {kind!r}; valid: {', '.join(LR_SCHEDULES)}")
+    _positive("learning_rate", "lr_schedule", learning_rate)
+    if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+        raise ValueError(f"lr_schedule: steps_per_epoch must be an integer >= 1, got "
+                         f"{steps_per_epoch!r}")
+    _check_schedule_options(kind, decay, every, milestones, horizon)
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"lr_schedule: warmup must be an integer >= 0 (epochs), got {warmup!r}")
+    spe = steps_per_epoch
+    if kind == "constant":
+        sched = optax.constant_schedule(learning_rate)
+    elif kind == "cosine":
+        sched = optax.cosine_decay_schedule(learning_rate, horizon * spe)
+    elif kind == "exponential":
+        sched = optax.exponential_decay(learning_rate, every * spe, decay, staircase=True)
+    else:
+        sched = optax.piecewise_constant_schedule(
+            learning_rate, {m * spe: decay for m in milestones})
+    if warmup:
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, learning_rate, warmup * spe), sched], [warmup * spe])
+    return learning_rate if kind == "constant" else sched
+
+
+def _check_schedule_options(kind: str, decay: Any, every: Any, milestones: Any,
+                            horizon: Any) -> None:
+    used = {"constant": (), "cosine": ("horizon",), "exponential": ("decay", "every"),
+            "step": ("decay", "milestones")}[kind]
+    given = {"decay": decay is not None, "every": every != 1, "milestones": bool(milestones),
+             "horizon": horizon is not None}
+    unused = [k for k, g in given.items() if g and k not in used]
+    if unused:
+        raise ValueError(f"lr_schedule: {kind!r} does not use {', '.join(unused)}; it takes "
+                         f"{', '.join(used) or 'no options'}")
+    if "decay" in used and (decay is None or isinstance(decay, bool)
+                            or not isinstance(decay, (int, float)) or not 0 < decay <= 1):
+        raise ValueError(f"lr_schedule: {kind!r} needs decay, a factor in (0, 1], got {decay!r}")
+    if kind == "exponential" and (not isinstance(every, int) or every < 1):
+        raise ValueError(f"lr_schedule: every must be an integer >= 1 (epochs), got {every!r}")
+    if kind == "step" and (not milestones or any(not isinstance(m, int) or m < 1
+                                                 for m in milestones)
+                           or list(milestones) != sorted(set(milestones))):
+        raise ValueError(f"lr_schedule: 'step' needs milestones, increasing epochs >= 1, got "
+                         f"{milestones!r}")
+    if kind == "cosine" and (not isinstance(horizon, int) or horizon < 1):
+        raise ValueError(f"lr_schedule: 'cosine' needs horizon, the epochs to decay over (an "
+                         f"integer >= 1), got {horizon!r}")
