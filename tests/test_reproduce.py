@@ -60,10 +60,21 @@ def test_every_shipped_recipe_loads_and_names_what_it_cites():
     (("paper = { bp = 1.0 }", 'quick_claims = [["bp", "<<", "fa"]]'), "quick_claims entries"),
     (('name = "e"', 'name = "e"\nrule_options = { dfa = { lr = 0.1 } }'), "not in its rules"),
     (('title = "toy"', 'titel = "toy"'), "unknown key\\(s\\) titel"),
+    # rule_args are parsed and the rule built when the recipe loads, not when the rule trains
+    (('rules = ["bp", "fa"]', 'rules = ["bp", "dtp"]\nrule_args = { dtp = { noise = -0.1 } }'),
+     "rule_args.dtp: rule 'dtp' refuses the options noise=-0.1"),
+    (('rules = ["bp", "fa"]', 'rules = ["bp", "dtp"]\nrule_args = { dtp = { noise = [0.1, 0.2] } }'),
+     None),  # a value per feedback map parses (dtp's noise was typed as one float before)
+    (('name = "e"', 'name = "e"\nrule_args = { fa = { scael = 1.0 } }'), "rule_args.fa: .*scael"),
+    (('name = "e"', 'name = "e"\nrule_args = { dfa = { scale = 1.0 } }'),
+     "rule_args for 'dfa', which is not in its rules"),
 ])
 def test_a_recipe_naming_an_unknown_option_or_a_bad_value_is_refused_when_loaded(
         tmp_path, change, msg):
     load_recipe(_write(tmp_path, GOOD))  # the unchanged recipe loads
+    if msg is None:
+        load_recipe(_write(tmp_path, GOOD.replace(*change)))
+        return
     with pytest.raises(RecipeError, match=msg):
         load_recipe(_write(tmp_path, GOOD.replace(*change)))
 

@@ -29,7 +29,7 @@ from fbalign._src import cli
 from fbalign._src.checkpoint import CHECKPOINT_DIR, latest_checkpoint
 from fbalign._src.plot import machine_line, plot_runs, run_finished
 from fbalign._src.registry import RULES
-from fbalign._src.rule_args import UsageError
+from fbalign._src.rule_args import UsageError, check_rule_builds, parse_rule_args
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 BUDGETS = ("quick", "paper")
@@ -126,6 +126,7 @@ def _check_experiment(exp: dict, where: str, actions: dict) -> None:
             raise RecipeError(f"{where}: rule_options for {rule!r}, which is not in its rules")
         _check_options(opts, f"{where} rule_options.{rule}", actions)
     _check_options(exp.get("quick", {}), f"{where} quick", actions)
+    _check_rule_args(exp, rules, where)
     for rule in set(exp.get("paper", {})) | set(exp.get("paper_spread", {})):
         if rule not in rules:
             raise RecipeError(f"{where}: a paper number for {rule!r}, which is not in its rules")
@@ -137,6 +138,20 @@ def _check_experiment(exp: dict, where: str, actions: dict) -> None:
                 or not {claim[0], claim[2]} <= set(quick_rules)):
             raise RecipeError(f"{where}: quick_claims entries are [rule, \"<\" or \">\", rule] "
                               f"over the rules its quick budget runs, got {claim!r}")
+
+
+def _check_rule_args(exp: dict, rules: list[str], where: str) -> None:
+    """Each rule's ``rule_args`` parsed as ``--rule-arg`` parses them and the rule built with
+    them, so a value the rule refuses stops the recipe when it loads, not when that rule is
+    about to train (after the rules before it)."""
+    for rule, kw in exp.get("rule_args", {}).items():
+        if rule not in rules:
+            raise RecipeError(f"{where}: rule_args for {rule!r}, which is not in its rules")
+        try:
+            check_rule_builds(rule, parse_rule_args(
+                rule, [f"{k}={_as_text(v)}" for k, v in kw.items()]))
+        except UsageError as err:
+            raise RecipeError(f"{where} rule_args.{rule}: {err}") from None
 
 
 def recipes() -> dict[str, dict[str, Any]]:

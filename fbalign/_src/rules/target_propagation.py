@@ -738,8 +738,9 @@ def _doc(fn: Callable) -> Callable:
 
 
 @_doc
-def tp(target_lr: float = 0.1, feedback_lr: float = 1e-3, feedback_steps: int = 1,
-       noise: float = 0.1, feedback_optimizer: str = "adam",
+def tp(target_lr: float = 0.1, feedback_lr: float = 1e-3,
+       feedback_steps: int | Sequence[int] = 1,
+       noise: float | Sequence[float] = 0.1, feedback_optimizer: str = "adam",
        inverse_activation: str | None = None, diagnostics: bool = True) -> LearningRule:
     r"""Target propagation (Bengio 2014, "How auto-encoders could provide credit assignment in
     deep networks via target propagation"; as run by Lee et al. 2015).
@@ -768,8 +769,9 @@ def _check_bool(rule: str, option: str, value: Any) -> None:
 
 
 @_doc
-def dtp(target_lr: float = 0.1, feedback_lr: float = 1e-3, feedback_steps: int = 1,
-        noise: float = 0.1, feedback_optimizer: str = "adam",
+def dtp(target_lr: float = 0.1, feedback_lr: float = 1e-3,
+        feedback_steps: int | Sequence[int] = 1,
+        noise: float | Sequence[float] = 0.1, feedback_optimizer: str = "adam",
         inverse_activation: str | None = None, diagnostics: bool = True,
         last_hidden_by_gradient: bool = False) -> LearningRule:
     r"""Difference target propagation (Lee, Zhang, Fischer & Bengio 2015, "Difference target
@@ -805,8 +807,9 @@ def _check_lambda(rule: str, drl_lambda: Any) -> None:
 
 
 @_doc
-def drl(target_lr: float = 0.1, feedback_lr: float = 1e-3, feedback_steps: int = 1,
-        noise: float = 0.1, feedback_optimizer: str = "adam",
+def drl(target_lr: float = 0.1, feedback_lr: float = 1e-3,
+        feedback_steps: int | Sequence[int] = 1,
+        noise: float | Sequence[float] = 0.1, feedback_optimizer: str = "adam",
         inverse_activation: str | None = None, diagnostics: bool = True,
         drl_lambda: float = 0.0, last_hidden_by_gradient: bool = False) -> LearningRule:
     r"""DTP with the difference reconstruction loss (Meulemans, Carzaniga, Suykens, Sacramento
@@ -847,8 +850,9 @@ def drl(target_lr: float = 0.1, feedback_lr: float = 1e-3, feedback_steps: int =
 
 
 @_doc
-def ddtp(target_lr: float = 0.1, feedback_lr: float = 1e-3, feedback_steps: int = 1,
-         noise: float = 0.1, feedback_optimizer: str = "adam",
+def ddtp(target_lr: float = 0.1, feedback_lr: float = 1e-3,
+         feedback_steps: int | Sequence[int] = 1,
+         noise: float | Sequence[float] = 0.1, feedback_optimizer: str = "adam",
          inverse_activation: str | None = None, diagnostics: bool = True,
          feedback: str = "linear", drl_lambda: float = 0.0,
          hidden_feedback_dimension: int = 1024,
