@@ -47,9 +47,9 @@ def test_a_user_backward_runs_in_every_model_without_touching_it(which):
         x = jax.random.normal(jax.random.PRNGKey(1), (2, 784))
     y = jnp.array([0, 1, 2, 0])[: len(x)]
     params = model.init(jax.random.PRNGKey(0))
-    bp = jax.grad(lambda p: _loss(model, p, x, y))(params)
-    half = jax.grad(lambda p: _loss(model, p, x, y, backward=HalfError()))(params)
-    n = len(params)
+    bp = jax.jit(jax.grad(lambda p: _loss(model, p, x, y)))(params)  # jit: eager, LeNet-5's
+    half = jax.jit(jax.grad(lambda p: _loss(model, p, x, y, backward=HalfError())))(params)
+    n = len(params)  # ops would compile one by one
     for i in range(n):  # layer i's error crossed n - 1 - i halving inputs above it
         np.testing.assert_allclose(half[i]["w"], bp[i]["w"] * 0.5 ** (n - 1 - i), rtol=2e-4,
                                    atol=1e-7)

@@ -32,13 +32,16 @@ KEY = jax.random.PRNGKey(0)
 
 
 def _grads(net, params, x, c, backward):
-    """``jax.grad`` of ``sum(y * c)`` through ``backward``: the rule's updates for ``e = c``."""
-    return jax.grad(lambda p: jnp.sum(net.apply(p, x, backward=backward) * c))(params)
+    """``jax.grad`` of ``sum(y * c)`` through ``backward``: the rule's updates for ``e = c``.
+    Jitted here and below: eager, a conv net's ops compile one by one (twice the time)."""
+    return jax.jit(lambda: jax.grad(
+        lambda p: jnp.sum(net.apply(p, x, backward=backward) * c))(params))()
 
 
 def _step(rule, net, params, state, x, y):
     ctx = fb.rules.StepContext(net, fb.losses.get_loss("cross_entropy"))
-    upd, state, _ = rule.step(params, state, fb.rules.Batch(x, y), KEY, ctx)
+    upd, state, _ = jax.jit(rule.step, static_argnums=4)(params, state, fb.rules.Batch(x, y),
+                                                          KEY, ctx)
     return upd, state
 
 
@@ -67,22 +70,26 @@ LENET_LAYERS = [Conv(6, (5, 5), padding=2, activation="tanh"), MaxPool(),
 def test_lenet5_as_a_layer_list_equals_lenet5():
     """Output, tape and FA's jax.grad-form updates of LeNet-5 written as a list of layers equal
     `fbalign.models.lenet5` on the same params; the rule's own init gives FA the feedback that
-    LeNet-5 draws for it."""
+    LeNet-5 draws for it. (Each network's checks run as one jitted program: eager, LeNet-5's
+    ops compile one by one, 14 s cold against 3.)"""
     net, lenet = sequential(LENET_LAYERS, (28, 28, 1)), fb.models.lenet5()
     params = lenet.init(KEY)
     assert net.param_shapes == lenet.param_shapes and net.feature_shapes == lenet.feature_shapes
     x = jax.random.normal(KEY, (2, 784))
-    np.testing.assert_allclose(net.apply(params, x), lenet.apply(params, x), rtol=1e-6,
-                               atol=1e-6)
-    (_, t1), (_, t2) = net.forward(params, x), lenet.forward(params, x)
-    assert_trees_close(t1.inputs + t1.preacts + t1.hidden, t2.inputs + t2.preacts + t2.hidden,
-                       rtol=1e-6, atol=1e-6)
     state = net.init_rule_state("fa", KEY, params)
     assert_trees_close(state, lenet.init_rule_state("fa", KEY, params), rtol=0, atol=0)
     bw = fb.rules.get_rule("fa").backward(state.feedback, None)
     c = jax.random.normal(KEY, (2, 10))
-    assert_trees_close(_grads(net, params, x, c, bw), _grads(lenet, params, x, c, bw),
-                       rtol=1e-5, atol=1e-6)
+
+    def run(model):
+        t = model.forward(params, x)[1]
+        return (model.apply(params, x), t.inputs + t.preacts + t.hidden,
+                _grads(model, params, x, c, bw))
+
+    (o1, t1, g1), (o2, t2, g2) = jax.jit(lambda: run(net))(), jax.jit(lambda: run(lenet))()
+    np.testing.assert_allclose(o1, o2, rtol=1e-6, atol=1e-6)
+    assert_trees_close(t1, t2, rtol=1e-6, atol=1e-6)
+    assert_trees_close(g1, g2, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["fa", "dfa", "kp"])
