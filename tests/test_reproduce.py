@@ -66,6 +66,10 @@ def test_every_shipped_recipe_loads_and_names_what_it_cites():
     (('rules = ["bp", "fa"]', 'rules = ["bp", "dtp"]\nrule_args = { dtp = { noise = [0.1, 0.2] } }'),
      None),  # a value per feedback map parses (dtp's noise was typed as one float before)
     (('name = "e"', 'name = "e"\nrule_args = { fa = { scael = 1.0 } }'), "rule_args.fa: .*scael"),
+    (('name = "e"', 'name = "e"\nrule_args = { fa = { scale = -1.0 } }'),
+     "rule_args.fa: .*scale must be"),
+    (('name = "e"', 'name = "e"\nrule_args = { fa = { init = "bogus" } }'),
+     "rule_args.fa: .*unknown feedback init 'bogus'"),
     (('name = "e"', 'name = "e"\nrule_args = { dfa = { scale = 1.0 } }'),
      "rule_args for 'dfa', which is not in its rules"),
 ])

@@ -18,6 +18,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fbalign._src.feedback_init import resolve_initializer
 from fbalign._src.registry import RULES
 
 
@@ -181,9 +182,12 @@ def parse_rule_args(rule: str, items: Sequence[str]) -> dict[str, Any]:
 
 def check_rule_builds(rule: str, kwargs: dict[str, Any]) -> None:
     """Builds the rule once (cheap: no arrays) so that options it refuses stop the run before
-    any data loads."""
+    any data loads; a feedback ``init``/``scale`` is resolved too (rules resolve it only when
+    they draw their feedback)."""
     try:
         RULES[rule].make(**kwargs)
+        if "init" in kwargs or "scale" in kwargs:  # the feedback init resolves at rule.init
+            resolve_initializer(kwargs.get("init", "gaussian"), kwargs.get("scale"), 1)
     except (TypeError, ValueError) as err:
         given = " ".join(f"{k}={v}" for k, v in kwargs.items())
         raise UsageError(f"rule {rule!r} refuses the options {given}: {err}") from None
