@@ -216,7 +216,7 @@ def test_state_that_does_not_fit_the_model_is_refused_before_training():
 @pytest.mark.parametrize("call,exc,msg", [
     (lambda: fb.get_rule("xfa"), ValueError, "unknown rule 'xfa'; valid: bp, fa, dfa"),
     (lambda: get_activation("swish"), ValueError, "unknown activation 'swish'; valid: tanh"),
-    (lambda: get_loss("hinge"), ValueError, "unknown loss 'hinge'; valid: cross_entropy"),
+    (lambda: get_loss("huber"), ValueError, "unknown loss 'huber'; valid: cross_entropy"),
     (lambda: make_optimizer("lion", 0.1), ValueError,
      "unknown optimizer 'lion'; valid: sgd, adam, rmsprop"),
     (lambda: load_dataset("cifar"), ValueError, "unknown dataset 'cifar'; valid: digits, mnist"),
@@ -256,7 +256,7 @@ def test_bad_fit_options_are_refused(kwargs, msg):
     (["--checkpoint-every", "-1"], "expected an integer >= 0, got -1"),
     (["--on-nonfinite", "ignore"], "argument --on-nonfinite: invalid choice: 'ignore'"),
     (["--hidden", "8,0"], "hidden sizes must be positive"),
-    (["--loss", "hinge"], "unknown loss 'hinge'; valid: cross_entropy, squared_error"),
+    (["--loss", "huber"], "unknown loss 'huber'; valid: cross_entropy, squared_error, hinge"),
     (["--lr", "-1"], "expected a positive float, got -1"),
 ])
 def test_cli_rejects_bad_reliability_options(argv, msg, capsys):
