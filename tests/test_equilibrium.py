@@ -136,7 +136,7 @@ def test_ep_update_tends_to_the_implicit_gradient_with_the_predicted_bias_orders
                                      dtype=jnp.float64, step_size=0.5)
         s_star = net.free_phase(params, x, steps=5000, tol=1e-13).state
         true = _implicit_gradient(net, params, x, y, s_star)
-        betas = np.array([1e-1, 5e-2, 2.5e-2, 1.25e-2])
+        betas = np.array([5e-2, 2.5e-2, 1.25e-2])  # each beta compiles its own programs
         bias = {}
         for nudging in ("one_sided", "symmetric"):
             bias[nudging] = []
