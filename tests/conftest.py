@@ -124,3 +124,10 @@ def final_errors(exp_dir: Path, rules) -> dict:
 
     return {r: json.loads((exp_dir / r / "summary.json").read_text())["test_error"]
             for r in rules}
+
+
+def run_config(exp_dir: Path, rule: str) -> dict:
+    """One rule's saved run options (config.json) in a reproduction's experiment directory."""
+    import json
+
+    return json.loads((exp_dir / rule / "config.json").read_text())

@@ -63,8 +63,9 @@ def test_every_shipped_recipe_loads_and_names_what_it_cites():
     # rule_args are parsed and the rule built when the recipe loads, not when the rule trains
     (('rules = ["bp", "fa"]', 'rules = ["bp", "dtp"]\nrule_args = { dtp = { noise = -0.1 } }'),
      "rule_args.dtp: rule 'dtp' refuses the options noise=-0.1"),
-    (('rules = ["bp", "fa"]', 'rules = ["bp", "dtp"]\nrule_args = { dtp = { noise = [0.1, 0.2] } }'),
-     None),  # a value per feedback map parses (dtp's noise was typed as one float before)
+    # a value per feedback map parses (dtp's noise was typed as one float before)
+    (('rules = ["bp", "fa"]',
+      'rules = ["bp", "dtp"]\nrule_args = { dtp = { noise = [0.1, 0.2] } }'), None),
     (('name = "e"', 'name = "e"\nrule_args = { fa = { scael = 1.0 } }'), "rule_args.fa: .*scael"),
     (('name = "e"', 'name = "e"\nrule_args = { fa = { scale = -1.0 } }'),
      "rule_args.fa: .*scale must be"),

@@ -6,17 +6,12 @@ each recipe's claims hold. None of the papers' numbers could be read, so every r
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from conftest import final_errors
 from conftest import quick_reproduction_unread as quick_reproduction
+from conftest import run_config as config
 
 pytest.importorskip("matplotlib")
-
-
-def config(exp_dir, rule):
-    return json.loads((exp_dir / rule / "config.json").read_text())
 
 
 @pytest.mark.slow  # an end-to-end run: `pytest -m slow`

@@ -6,16 +6,11 @@ others' rows say "not reported" beside ours."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from conftest import final_errors, quick_reproduction, quick_reproduction_unread
+from conftest import run_config as config
 
 pytest.importorskip("matplotlib")
-
-
-def config(exp_dir, rule):
-    return json.loads((exp_dir / rule / "config.json").read_text())
 
 
 @pytest.mark.slow  # an end-to-end run: `pytest -m slow`

@@ -6,11 +6,10 @@ settings to the rule. None of the papers' numbers could be read, so every rule's
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from conftest import final_errors
 from conftest import quick_reproduction_unread as quick_reproduction
+from conftest import run_config as config
 
 pytest.importorskip("matplotlib")
 
@@ -21,10 +20,6 @@ MARGIN_MEULEMANS = 8.0   # ddtp 8.64-14.76, drl 8.36-13.93 against shallow 23.96
                          # the smallest gap 14.5)
 MARGIN_ERNOULT = 6.0     # mean ldrl 11.61 against shallow 25.63 at epoch 3 (seeds
                          # 0-2); seed 0 at 4 epochs 9.75 against 22.56
-
-
-def config(exp_dir, rule):
-    return json.loads((exp_dir / rule / "config.json").read_text())
 
 
 @pytest.mark.slow  # an end-to-end run: `pytest -m slow`
