@@ -233,3 +233,125 @@ def test_fit_on_digits_beats_chance_by_far():
     rec = res.history[-1]
     assert rec["test_error"] < 60.0, rec  # chance is 90%
     assert rec["train_ep_diverged"] == 0.0
+
+
+# -- Prototypical dynamics (Ernoult et al. 2019; Laborieux et al.'s code) ---------------------
+
+def _np_prototypical_ep(params, x, y, beta, t1, t2, readout):
+    """Laborieux et al.'s ``P_MLP`` (and the holomorphic-EP code's ``xp_mlp``), written from
+    their equations: ``Phi = sum_l (s_{l-1} W_l + b_l) . s_l``, all layers updated at once by
+    ``s <- rho(dPhi/ds)`` (``rho = sigmoid(4 (s - 1/2))``) from zeros for ``t1`` steps, then
+    ``t2`` steps of ``Phi - beta C``, and the update ``-(dPhi/dtheta(s^beta) -
+    dPhi/dtheta(s*)) / beta`` averaged over the batch. ``C``: ``1/2 |y - s_L|^2``; with
+    ``readout`` the last layer is a softmax readout of ``s_{L-1}`` and ``C`` its cross-entropy,
+    which also trains the readout (its update is ``dC/dtheta_out`` at ``s^beta``)."""
+    rho = lambda a: 1 / (1 + np.exp(-4 * (a - 0.5)))
+    w = [np.asarray(p["w"], np.float64) for p in params]
+    b = [np.asarray(p["b"], np.float64) for p in params]
+    x = np.asarray(x, np.float64)
+    t = np.eye(w[-1].shape[1])[np.asarray(y)]
+    n_states = len(w) - (1 if readout else 0)
+
+    def softmax(o):
+        e = np.exp(o - o.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    def step(s, strength):
+        full = [x, *s]
+        drives = []
+        for i in range(n_states):
+            d = full[i] @ w[i] + b[i]
+            if i + 1 < n_states:
+                d = d + full[i + 2] @ w[i + 1].T
+            elif readout:
+                d = d - strength * (softmax(s[-1] @ w[-1] + b[-1]) - t) @ w[-1].T
+            else:
+                d = d + strength * (t - s[-1])
+            drives.append(d)
+        return [rho(d) for d in drives]
+
+    s = [np.zeros((x.shape[0], wi.shape[1])) for wi in w[:n_states]]
+    for _ in range(t1):
+        s = step(s, 0.0)
+    free = s
+    for _ in range(t2):
+        s = step(s, beta)
+    n = x.shape[0]
+    ups = []
+    for i in range(n_states):
+        lo, hi = ([x, *free][i], free[i]), ([x, *s][i], s[i])
+        ups.append({"w": -(hi[0].T @ hi[1] - lo[0].T @ lo[1]) / (beta * n),
+                    "b": -(hi[1].sum(0) - lo[1].sum(0)) / (beta * n)})
+    if readout:
+        err = softmax(s[-1] @ w[-1] + b[-1]) - t
+        ups.append({"w": s[-1].T @ err / n, "b": err.sum(0) / n})
+    return free, ups
+
+
+@pytest.mark.parametrize("readout", [False, True])
+def test_prototypical_dynamics_and_update_match_laborieux_et_al_equations(readout):
+    with jax.enable_x64(True):
+        sizes = (5, 6, 4, 3)
+        net = hopfield(sizes, "steep_sigmoid", free_steps=7, dynamics="prototypical",
+                       readout=readout)
+        assert net.step_size == 1.0  # the default step of prototypical dynamics
+        params = jax.tree.map(lambda a: 1.5 * a, net.init(jax.random.PRNGKey(0), jnp.float64))
+        params = [{"w": p["w"], "b": 0.1 * jnp.ones_like(p["b"])} for p in params]
+        x = jax.random.normal(jax.random.PRNGKey(1), (4, 5), jnp.float64)
+        y = jnp.array([0, 2, 1, 2])
+        rule = equilibrium_propagation(beta=0.3, nudged_steps=3,
+                                       cost="cross_entropy" if readout else "squared")
+        updates = _jstep(rule, net, params, x, y)
+        free, want = _np_prototypical_ep(params, x, y, 0.3, 7, 3, readout)
+        for got, ref in zip(net.free_phase(params, x).state, free, strict=True):
+            np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-12, atol=1e-14)
+        assert_trees_close(updates, want, rtol=1e-10, atol=1e-13)
+        # the update is not trivially small: the nudge moved the states
+        assert np.abs(_flat(updates)).max() > 1e-3
+
+
+def test_prototypical_hard_sigmoid_equals_projected_descent_and_refuses_tol():
+    net, params, x, y = _problem((5, 6, 4, 3), scale=2.0)
+    proto = hopfield((5, 6, 4, 3), dynamics="prototypical")  # hard sigmoid, step 1
+    desc = hopfield((5, 6, 4, 3), step_size=1.0)
+    rule = equilibrium_propagation(beta=0.5, nudged_steps=5)
+    # states stay in [0, 1], where rho(s) = s: the two models are one (Laborieux et al.'s
+    # hard-sigmoid iteration is fbalign's projected descent at step 1)
+    assert_trees_close(_jstep(rule, proto, params, x, y), _jstep(rule, desc, params, x, y),
+                       rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="prototypical.*tol"):
+        hopfield((5, 3), dynamics="prototypical", tol=1e-4)
+    with pytest.raises(ValueError, match="prototypical.*tol"):
+        proto.free_phase(params, x, tol=1e-4)
+    with pytest.raises(ValueError, match="unknown dynamics 'bptt'"):
+        hopfield((5, 3), dynamics="bptt")
+
+
+def test_cli_hopfield_options_build_the_network_the_rule_trains(tmp_path, capsys):
+    """--hopfield-dynamics/--hopfield-readout reach the network; ep's free_steps/step_size set
+    its prediction's free phase too; the options are refused for another model."""
+    import argparse
+    import json
+
+    from fbalign._src.cli import build_model, hopfield_options
+    from fbalign.cli import main
+
+    out = tmp_path / "proto"
+    assert main(["train", "--rule", "ep", "--model", "hopfield", "--dataset", "digits",
+                 "--hidden", "16", "--activation", "steep_sigmoid", "--hopfield-dynamics",
+                 "prototypical", "--hopfield-readout", "--rule-arg", "cost=cross_entropy",
+                 "--rule-arg", "free_steps=6", "--rule-arg", "nudged_steps=3", "--epochs", "1",
+                 "--optimizer", "sgd", "--lr", "0.05", "--no-progress", "--out", str(out)]) == 0
+    cfg = argparse.Namespace(**json.loads((out / "config.json").read_text()))
+    cfg.rule_args = cfg.rule_args or {}
+    net = build_model("hopfield", 64, 10, (16,), "steep_sigmoid", "linear",
+                      **hopfield_options(cfg))
+    assert (net.dynamics, net.readout, net.free_steps, net.step_size) == (
+        "prototypical", True, 6, 1.0), net
+    cfg.hopfield_free_steps = 9  # --hopfield-free-steps sets the prediction's free phase first
+    assert build_model("hopfield", 64, 10, (16,), "steep_sigmoid", "linear",
+                       **hopfield_options(cfg)).free_steps == 9
+    capsys.readouterr()
+    assert main(["train", "--rule", "bp", "--hopfield-dynamics", "prototypical", "--epochs", "1",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "--hopfield-dynamics: an option of --model hopfield" in capsys.readouterr().err

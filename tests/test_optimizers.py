@@ -223,3 +223,59 @@ def test_cli_schedules_decay_the_rate_by_epoch_and_are_saved(tmp_path, capsys):
     assert main(base + ["--epochs", "1", "--out", str(tmp_path / "bad2"), "--lr-schedule",
                         "step", "--lr-milestones", "2"]) == 2
     assert "needs --lr-decay" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make", [
+    lambda lr: optax.adam(lr),
+    lambda lr: optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(lr, momentum=0.9)),
+])
+def test_scale_by_layer_equals_one_optimizer_per_layer_at_its_own_rate(make):
+    """Per-layer rates: optimizer(lr) then scale_by_layer(s) equals, layer by layer, the same
+    optimizer at lr * s_l (an independent composition: optax.multi_transform)."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    params = [{"w": jax.random.normal(keys[0], (3, 4)), "b": jnp.ones(4)},
+              {"w": jax.random.normal(keys[1], (4, 2)), "b": jnp.zeros(2)}]
+    lr, scales = 0.1, (1.0, 0.03)
+    ours = optax.chain(make(lr), fb.optimizers.scale_by_layer(scales))
+    labels = [jax.tree.map(lambda _, i=i: str(i), p) for i, p in enumerate(params)]
+    ref = optax.multi_transform({str(i): make(lr * s) for i, s in enumerate(scales)}, labels)
+    p1, p2, s1, s2 = params, params, ours.init(params), ref.init(params)
+    for t in range(4):
+        g = jax.tree.map(lambda a, t=t: jnp.sin(a * (t + 1)), params)
+        u1, s1 = ours.update(g, s1, p1)
+        u2, s2 = ref.update(g, s2, p2)
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    # the scales matter: layer 1 moved 1/0.03 times less than at the shared rate
+    plain = optax.apply_updates(params, make(lr).update(g, make(lr).init(params), params)[0])
+    assert not np.allclose(np.asarray(p1[1]["w"]), np.asarray(plain[1]["w"]), atol=1e-3)
+
+
+def test_scale_by_layer_refuses_a_wrong_number_of_layers():
+    params = [{"w": jnp.ones((2, 2))}, {"w": jnp.ones((2, 1))}]
+    with pytest.raises(ValueError, match="3 scales .* of 2 layers"):
+        fb.optimizers.scale_by_layer((1.0, 1.0, 1.0)).init(params)
+    with pytest.raises(ValueError, match="of a dict"):
+        fb.optimizers.scale_by_layer((1.0,)).init({"w": jnp.ones(2)})
+    with pytest.raises(ValueError, match="positive"):
+        fb.optimizers.scale_by_layer((1.0, 0.0))
+
+
+def test_cli_lr_scales_set_each_layers_rate(tmp_path, capsys):
+    """--lr-scales through `fbalign train`: rates of ~0 on every layer freeze training (the
+    test error of epoch 2 is epoch 1's); a wrong number of factors is a usage error."""
+    import json
+
+    from fbalign.cli import main
+
+    base = ["train", "--rule", "bp", "--dataset", "digits", "--hidden", "16", "--no-progress",
+            "--optimizer", "sgd", "--lr", "0.05", "--epochs", "2"]
+    out = tmp_path / "frozen"
+    assert main(base + ["--out", str(out), "--lr-scales", "1e-30,1e-30"]) == 0
+    recs = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    ends = [r for r in recs if r.get("kind") == "epoch"]
+    assert len(ends) == 2 and ends[0]["test_error"] == ends[1]["test_error"], ends
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "bad"), "--lr-scales", "1,1,1"]) == 2
+    assert "--lr-scales gives 3 factors" in capsys.readouterr().err

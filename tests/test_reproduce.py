@@ -140,7 +140,22 @@ def test_scellier2017_quick_budget_equilibrium_propagation_learns(tmp_path, caps
     out = _quick("scellier2017", tmp_path, capsys)
     ep = json.loads((out / "mnist-784-500-10" / "ep" / "config.json").read_text())
     assert ep["model"] == "hopfield" and ep["rule_args"]["random_sign"] is True
+    assert ep["lr_scales"] == [1.0, 0.5]  # the paper's per-layer rates 0.1, 0.05
     assert not (out / "mnist-784-500-500-10").exists()  # quick_skip
+
+
+@pytest.mark.slow  # an end-to-end run: `pytest -m slow` (CI time)
+@pytest.mark.parametrize("name, exp, rules", [
+    ("laborieux2021", "mnist-784-512-10", ("ep", "bp")),
+    ("laborieux2022holo", "mnist-784-256-256-10", ("ep",)),
+])
+def test_laborieux_quick_budgets_train_the_prototypical_network(tmp_path, capsys, name, exp,
+                                                                rules):
+    out = _quick(name, tmp_path, capsys)  # every rule below the recipe's quick_max_error
+    for rule in rules:
+        cfg = json.loads((out / exp / rule / "config.json").read_text())
+        assert cfg["hopfield_dynamics"] == "prototypical"
+        assert cfg["activation"] == "steep_sigmoid"
 
 
 @pytest.mark.slow  # an end-to-end run: `pytest -m slow` (CI time)

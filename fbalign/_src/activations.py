@@ -13,6 +13,9 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "tanh": jnp.tanh,
     "relu": jax.nn.relu,
     "sigmoid": jax.nn.sigmoid,
+    # sigmoid(4 (x - 1/2)): Laborieux et al.'s (2021) `my_sigmoid`, the smooth counterpart of the
+    # hard sigmoid clip(x, 0, 1) (value 1/2 and slope 1 at 1/2)
+    "steep_sigmoid": lambda x: jax.nn.sigmoid(4.0 * (x - 0.5)),
     "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),
     "linear": lambda x: x,
 }

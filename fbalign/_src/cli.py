@@ -77,6 +77,20 @@ def _milestones(value: str) -> tuple[int, ...]:
     return epochs
 
 
+def _lr_scales(value: str) -> tuple[float, ...]:
+    if value.strip() in ("", "none"):  # none: a saved run's empty list (config.json)
+        return ()
+    try:
+        scales = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--lr-scales takes comma-separated positive factors, one per layer, such as "
+            f"1,0.25,0.025; got {value!r}") from None
+    if not all(math.isfinite(v) and v > 0 for v in scales):
+        raise argparse.ArgumentTypeError(f"--lr-scales must be positive numbers, got {value!r}")
+    return scales
+
+
 def _hidden(value: str) -> tuple[int, ...]:
     if value.strip() == "none":
         return ()
@@ -154,6 +168,26 @@ def make_optimizer(name: str, lr: float, momentum: float = 0.0, weight_decay: fl
     return base
 
 
+def _with_lr_scales(args, model, optimizer):
+    """``optimizer`` followed by ``scale_by_layer(--lr-scales)``; a usage error, before the run
+    directory is made, when the factors do not number the model's weight layers."""
+    scales = tuple(getattr(args, "lr_scales", None) or ())
+    if not scales:
+        return optimizer
+    import jax
+    import optax
+
+    from fbalign._src.optimizers import scale_by_layer
+
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    layers = len(shapes) if isinstance(shapes, (list, tuple)) else None
+    if layers != len(scales):
+        where = f"{layers} weight layers" if layers is not None else "params that are not a list"
+        raise UsageError(f"--lr-scales gives {len(scales)} factors, but --model {args.model} "
+                         f"here has {where}; give one factor per layer")
+    return optax.chain(optimizer, scale_by_layer(scales))
+
+
 _SCHEDULE_FLAGS = {"lr_decay": "--lr-decay", "lr_decay_every": "--lr-decay-every",
                    "lr_milestones": "--lr-milestones", "lr_decay_epochs": "--lr-decay-epochs"}
 _SCHEDULE_USES = {"constant": (), "cosine": ("lr_decay_epochs",),
@@ -192,10 +226,11 @@ def _learning_rate(args, n_train: int):
 
 
 def build_model(name: str, input_dim: int, output_dim: int, hidden: Sequence[int],
-                activation: str, output_activation: str):
+                activation: str, output_activation: str, **hopfield_kw: Any):
     """A model by CLI name: ``mlp``, ``lenet5`` (28x28x1 inputs; ``hidden`` is ignored),
     ``rnn`` (square images read row by row, one hidden layer of ``hidden[0]`` units, classified
-    from the last step) or ``hopfield`` (the layered energy-based network of ``--rule ep``)."""
+    from the last step) or ``hopfield`` (the layered energy-based network of ``--rule ep``;
+    ``hopfield_kw``: `fbalign.models.hopfield`'s options, `hopfield_options`)."""
     from fbalign._src.models import mlp
 
     if name == "mlp":
@@ -220,7 +255,7 @@ def build_model(name: str, input_dim: int, output_dim: int, hidden: Sequence[int
     if name == "hopfield":
         from fbalign._src.hopfield import hopfield
 
-        return hopfield((input_dim, *hidden, output_dim), activation)
+        return hopfield((input_dim, *hidden, output_dim), activation, **hopfield_kw)
     raise UsageError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
 
 
@@ -255,6 +290,7 @@ def _add_train_args(p: argparse.ArgumentParser, rule: bool = True) -> None:
                    help=f"hidden activation: {', '.join(ACTIVATIONS)} (default tanh)")
     p.add_argument("--output-activation", type=_names("activation", list(ACTIVATIONS)),
                    default="linear", help="output activation (default linear: logits)")
+    _add_hopfield_args(p)
     p.add_argument("--loss", type=_names("loss", list(LOSSES)), default=None,
                    help=f"{', '.join(LOSSES)} (default: cross_entropy for classification, "
                         "squared_error for regression)")
@@ -300,6 +336,23 @@ def _add_train_args(p: argparse.ArgumentParser, rule: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _add_hopfield_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``--model hopfield`` (`hopfield_options`)."""
+    p.add_argument("--hopfield-dynamics", type=_names("dynamics", ["descent", "prototypical"]),
+                   default="descent",
+                   help="--model hopfield: descent (gradient descent on the energy, default) or "
+                        "prototypical (s <- rho(dPhi/ds), Ernoult et al. 2019 / Laborieux et al. "
+                        "2021's code; step size 1 unless --rule-arg step_size)")
+    p.add_argument("--hopfield-free-steps", type=_positive(int), default=None,
+                   help="--model hopfield: the free phase's steps from zero, for its prediction "
+                        "and for --rule bp's backprop through time (default: --rule ep's "
+                        "free_steps if given, else 40)")
+    p.add_argument("--hopfield-readout", action="store_true",
+                   help="--model hopfield: the output layer is a softmax readout outside the "
+                        "energy (Laborieux et al. 2021); train with --rule-arg "
+                        "cost=cross_entropy")
+
+
 def _add_optimizer_args(p: argparse.ArgumentParser) -> None:
     """The learning rate, its schedule, momentum and weight decay of ``fbalign train``."""
     p.add_argument("--lr", type=_positive(float), default=1e-3, help="learning rate (default 1e-3)")
@@ -318,6 +371,10 @@ def _add_optimizer_args(p: argparse.ArgumentParser) -> None:
                    help="the cosine schedule's length in epochs (default --epochs)")
     p.add_argument("--warmup-epochs", type=_number(int, 0), default=0,
                    help="epochs of linear learning-rate warm-up from 0 first (default 0)")
+    p.add_argument("--lr-scales", type=_lr_scales, default=(),
+                   help="per-layer learning rates: layer l trains at --lr (and its schedule) "
+                        "times the l-th factor, comma-separated, one per weight layer (e.g. "
+                        "1,0.25,0.025; fbalign.optimizers.scale_by_layer)")
     p.add_argument("--momentum", type=_number(float, 0, 1, high_open=True), default=0.0,
                    help="momentum for sgd/rmsprop/signum (signum: 0 means its default 0.9)")
     p.add_argument("--weight-decay", type=_number(float, 0), default=0.0,
@@ -549,6 +606,35 @@ def _check_grad_form(rule: str, form: str, model: str, rule_kwargs: dict) -> Non
                          "with --form explicit")
 
 
+_HOPFIELD_DEFAULTS = {"dynamics": "descent", "readout": False, "free_steps": None}
+
+
+def hopfield_options(args) -> dict[str, Any]:
+    """``build_model``'s hopfield options from ``--hopfield-dynamics`` / ``--hopfield-readout``
+    (runs saved before these options existed read as the defaults), and, for ``--rule ep``, its
+    ``free_steps`` / ``step_size`` rule args: the network then predicts (and is evaluated) after
+    the same free phase the rule trains with (``--hopfield-free-steps`` first)."""
+    opts = {"dynamics": getattr(args, "hopfield_dynamics", "descent"),
+            "readout": bool(getattr(args, "hopfield_readout", False))}
+    rule_args = getattr(args, "rule_args", None) or {}
+    if getattr(args, "rule", None) == "ep":
+        opts.update({k: rule_args[k] for k in ("free_steps", "step_size")
+                     if rule_args.get(k) is not None})
+    if getattr(args, "hopfield_free_steps", None) is not None:
+        opts["free_steps"] = args.hopfield_free_steps
+    return opts
+
+
+def _check_hopfield_options(args) -> None:
+    """A usage error for a ``--hopfield-*`` option set with another model."""
+    opts = {k: hopfield_options(args).get(k) for k in _HOPFIELD_DEFAULTS}
+    if args.model != "hopfield" and opts != _HOPFIELD_DEFAULTS:
+        flags = [f"--hopfield-{k.replace('_', '-')}" for k in opts
+                 if opts[k] != _HOPFIELD_DEFAULTS[k]]
+        raise UsageError(f"{', '.join(flags)}: an option of --model hopfield, not of --model "
+                         f"{args.model}; drop it or add --model hopfield")
+
+
 def _check_rule_model(rule: str, model: str) -> None:
     """A usage error for a rule and a network that cannot go together (energy-based rules)."""
     if rule in _RULE_MODELS and model not in _RULE_MODELS[rule]:
@@ -722,9 +808,10 @@ def cmd_train(args) -> int:
                                                          or ()):
         activation = "hard_sigmoid"  # the papers' rho, unless --activation names another
     model = build_model(args.model, data.input_dim, data.output_dim, args.hidden, activation,
-                        args.output_activation)
+                        args.output_activation, **hopfield_options(args))
     optimizer = make_optimizer(args.optimizer, _learning_rate(args, len(data.x_train)),
                                args.momentum, args.weight_decay)
+    optimizer = _with_lr_scales(args, model, optimizer)
     _check_rule_init(args, model)
     _warn_kolen_pollack_optimizer(args)
     _check_memory(args, model, optimizer, data)
@@ -757,6 +844,7 @@ def check_run_options(args) -> None:
     if args.model == "lenet5" and args.form == "explicit":
         _check_explicit_on_lenet(args.rule, _rule_kwargs(args))
     _check_rule_model(args.rule, args.model)
+    _check_hopfield_options(args)
     if args.model == "lenet5" and "hidden" in (getattr(args, "given_options", None) or ()):
         raise UsageError("--model lenet5 has fixed layers (conv6-conv16-fc120-fc84); drop "
                          "--hidden")

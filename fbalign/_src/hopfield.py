@@ -39,6 +39,29 @@ def _hard_sigmoid_jvp(primals, tangents):
     return hard_sigmoid(s), jnp.where(inside, ds, jnp.zeros_like(ds))
 
 
+def squashed_sgd(step_size: float,
+                 squash: Callable[[Array], Array]) -> optax.GradientTransformation:
+    """A descent step passed through ``squash`` for `relax`: ``s <- squash(s - step_size * g)``
+    (the update returned is that minus ``s``). With ``squash = rho`` and ``step_size = 1`` on
+    ``E = 1/2 ||s||^2 - Phi`` it is the prototypical fixed-point iteration ``s <- rho(dPhi/ds)``
+    of Ernoult et al. (2019) and Laborieux et al. (2021); with ``squash = clip(., 0, 1)`` it is
+    `projected_sgd`."""
+    if not step_size > 0:
+        raise ValueError(f"squashed_sgd: step_size must be positive, got {step_size}")
+
+    def init(params: Any) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update(grads: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, Any]:
+        if params is None:
+            raise ValueError("squashed_sgd needs the current states (params) to squash")
+        new = jax.tree.map(lambda s, g: squash(s - step_size * g) - s, params, grads)
+        return new, state
+
+    return optax.GradientTransformation(init, update)
+
+
 def projected_sgd(step_size: float, low: float = 0.0,
                   high: float = 1.0) -> optax.GradientTransformation:
     """Projected gradient descent for `relax`: ``s <- clip(s - step_size * g, low, high)``
@@ -48,25 +71,17 @@ def projected_sgd(step_size: float, low: float = 0.0,
     once)."""
     if not step_size > 0:
         raise ValueError(f"projected_sgd: step_size must be positive, got {step_size}")
-
-    def init(params: Any) -> optax.EmptyState:
-        del params
-        return optax.EmptyState()
-
-    def update(grads: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, Any]:
-        if params is None:
-            raise ValueError("projected_sgd needs the current states (params) to project")
-        new = jax.tree.map(lambda s, g: jnp.clip(s - step_size * g, low, high) - s, params,
-                           grads)
-        return new, state
-
-    return optax.GradientTransformation(init, update)
+    return squashed_sgd(step_size, lambda s: jnp.clip(s, low, high))
 
 
 def hopfield_activation(name: str) -> Callable[[Array], Array]:
     """``"hard_sigmoid"`` (`hard_sigmoid`, the papers' choice) or any name `get_activation`
-    knows (``"sigmoid"``, ``"tanh"``: smooth, so the energy has a Hessian everywhere)."""
+    knows (``"sigmoid"``, ``"tanh"``, ``"steep_sigmoid"``: smooth, so the energy has a Hessian
+    everywhere)."""
     return hard_sigmoid if name == "hard_sigmoid" else get_activation(name)
+
+
+DYNAMICS = ("descent", "prototypical")
 
 
 class EnergyNetwork:
@@ -75,17 +90,25 @@ class EnergyNetwork:
     ``ConvHopfieldNetwork`` (`conv_hopfield`) implement it.
 
     A subclass is a frozen dataclass with the fields ``activation``, ``free_steps``,
-    ``step_size``, ``tol`` and ``readout``, and defines ``num_layers`` (weight layers: one
-    params entry each), ``num_states`` (free state layers), ``init``, ``energy(params, x,
-    states)`` (summed over the batch; the readout's params, when there is one, do not enter
-    it), ``zero_states``, ``prepare_input`` (checks ``x``, naming the shape expected) and
-    ``readout_input`` (the last state as a ``(batch, features)`` matrix). This base gives the
-    dynamics (`free_phase`, `relax_states`), ``output`` and ``apply``.
+    ``step_size``, ``tol``, ``readout`` and ``dynamics``, and defines ``num_layers`` (weight
+    layers: one params entry each), ``num_states`` (free state layers), ``init``,
+    ``energy(params, x, states)`` (summed over the batch; the readout's params, when there is
+    one, do not enter it), ``zero_states``, ``prepare_input`` (checks ``x``, naming the shape
+    expected) and ``readout_input`` (the last state as a ``(batch, features)`` matrix). This
+    base gives the dynamics (`free_phase`, `relax_states`), `activity`, ``output`` and
+    ``apply``.
 
     ``readout=True`` is Laborieux et al.'s (2021) cross-entropy setting: the last weight layer
     is a readout outside the energy, ``o = rho(s_last) W_out + b_out`` (the logits; their
     ``softmax=True``), trained by the loss; ``output`` returns ``o``. Else ``output`` is the
     last state ``s_L``.
+
+    ``dynamics`` is how the states relax (`relax_states`): ``"descent"``, gradient descent on
+    ``E`` (projected onto ``[0, 1]`` for the hard sigmoid), the states entering ``E`` through
+    ``rho``; or ``"prototypical"``, Ernoult et al.'s (2019) discrete-time "prototypical"
+    model that Laborieux et al.'s (2021) code runs: the states are activities (they enter
+    ``E`` and the readout unchanged, `activity`) and each step is ``s <- rho(s - eta dF/ds)``,
+    at ``eta = 1`` their ``s <- rho(dPhi/ds)`` with ``Phi = 1/2 ||s||^2 - F``.
     """
 
     layer_structure = False  # no feedforward chain (no `forward` tape, no `apply(backward=)`)
@@ -99,13 +122,19 @@ class EnergyNetwork:
         """The activation ``rho`` applied elementwise."""
         return hopfield_activation(self.activation)(s)
 
+    def activity(self, s: Array) -> Array:
+        """What a state contributes to the energy and the readout: ``rho(s)`` (``dynamics=
+        "descent"``) or ``s`` itself (``"prototypical"``: the state already is ``rho`` of its
+        drive)."""
+        return s if self.dynamics == "prototypical" else self.rho(s)
+
     def output(self, params: Params, states: list[Array]) -> Array:
-        """The prediction read from ``states``: the readout's logits ``rho(s_last) W_out +
+        """The prediction read from ``states``: the readout's logits ``activity(s_last) W_out +
         b_out`` (``readout=True``; params' last entry) or the last state ``s_L``."""
         if not self.readout:
             return states[-1]
         out = params[-1]
-        return self.readout_input(self.rho(states[-1])) @ out["w"] + out["b"]
+        return self.readout_input(self.activity(states[-1])) @ out["w"] + out["b"]
 
     def free_phase(self, params: Params, x: Array, *, init: list[Array] | None = None,
                    steps: int | None = None, step_size: float | None = None,
@@ -129,9 +158,16 @@ class EnergyNetwork:
         (`projected_sgd`), so states never sit on the flat parts where ``rho' = 0`` and the
         descent does not oscillate around the kinks at 0 and 1. There, ``grad_norm`` (and
         ``tol``) measure the unprojected gradient, which stays non-zero for states pinned at
-        0 or 1: prefer fixed step counts."""
+        0 or 1: prefer fixed step counts. ``dynamics="prototypical"``: ``s <- rho(s - eta
+        dE/ds)`` (`squashed_sgd`), whose fixed points are not zeros of ``dE/ds``, so ``tol``
+        is refused."""
         eta = self.step_size if step_size is None else step_size
-        opt = projected_sgd(eta) if self.activation == "hard_sigmoid" else None
+        if self.dynamics == "prototypical":
+            if tol is not None:
+                raise ValueError(_PROTOTYPICAL_TOL)
+            opt = squashed_sgd(eta, self.rho)
+        else:
+            opt = projected_sgd(eta) if self.activation == "hard_sigmoid" else None
         return relax(energy, init, steps=steps, step_size=eta, optimizer=opt, tol=tol,
                      record=record)
 
@@ -141,11 +177,23 @@ class EnergyNetwork:
         return self.output(params, self.free_phase(params, x).state)
 
 
+_PROTOTYPICAL_TOL = (
+    "dynamics='prototypical' relaxes by s <- rho(s - eta dE/ds), whose fixed points are not "
+    "zeros of dE/ds, so a tolerance on |dE/ds| would never stop it: use fixed step counts "
+    "(tol=None) or dynamics='descent'")
+
+
 def check_relaxation_options(where: str, activation: str, free_steps: int,
-                             step_size: float) -> None:
-    """Raises a `ValueError` naming ``where`` and the option for an unknown activation, a
-    ``free_steps`` that is not a positive int or a non-positive ``step_size``."""
+                             step_size: float, dynamics: str = "descent",
+                             tol: float | None = None) -> None:
+    """Raises a `ValueError` naming ``where`` and the option for an unknown activation or
+    ``dynamics``, a ``free_steps`` that is not a positive int, a non-positive ``step_size``, or
+    a ``tol`` with prototypical dynamics."""
     hopfield_activation(activation)
+    if dynamics not in DYNAMICS:
+        raise ValueError(f"{where}: unknown dynamics {dynamics!r}; valid: {', '.join(DYNAMICS)}")
+    if dynamics == "prototypical" and tol is not None:
+        raise ValueError(f"{where}: {_PROTOTYPICAL_TOL}")
     if isinstance(free_steps, bool) or not isinstance(free_steps, int) or free_steps < 1:
         raise ValueError(f"{where}: free_steps must be a positive int, got {free_steps!r}")
     if not step_size > 0:
@@ -183,6 +231,10 @@ class HopfieldNetwork(EnergyNetwork):
       step_size: the descent's step size ``eta`` (``relax``'s ``step_size``).
       tol: None runs exactly ``free_steps`` steps; else stop once ``max |dE/ds| < tol``.
       readout: the last layer is a readout outside the energy (needs a hidden layer).
+      dynamics: ``"descent"`` (the energy above, descended) or ``"prototypical"``: ``rho``
+        leaves the energy (``rho(s) -> s`` in ``E``, ``E = 1/2 ||s||^2 - Phi`` with Ernoult
+        et al.'s primitive ``Phi = sum_l s_{l-1} W_l s_l + b_l s_l``) and enters the step,
+        ``s <- rho(s - eta dE/ds)`` (`EnergyNetwork`); for the hard sigmoid the two agree.
     """
 
     sizes: tuple[int, ...]
@@ -191,6 +243,7 @@ class HopfieldNetwork(EnergyNetwork):
     step_size: float = 0.5
     tol: float | None = None
     readout: bool = False
+    dynamics: str = "descent"
 
     def __post_init__(self):
         if len(self.sizes) < 2:
@@ -203,7 +256,8 @@ class HopfieldNetwork(EnergyNetwork):
             raise ValueError(f"hopfield: readout=True takes the last size as a readout outside "
                              f"the energy, so it needs at least one hidden layer, got sizes "
                              f"{self.sizes}; add a hidden size or use readout=False")
-        check_relaxation_options("hopfield", self.activation, self.free_steps, self.step_size)
+        check_relaxation_options("hopfield", self.activation, self.free_steps, self.step_size,
+                                 self.dynamics, self.tol)
 
     @property
     def num_layers(self) -> int:
@@ -241,7 +295,7 @@ class HopfieldNetwork(EnergyNetwork):
         if len(params) != self.num_layers or len(states) != self.num_states:
             raise ValueError(f"hopfield: {self.num_layers} layers and {self.num_states} states, "
                              f"got {len(params)} param layers and {len(states)} states")
-        rhos = [x] + [self.rho(s) for s in states]
+        rhos = [x] + [self.activity(s) for s in states]
         e = 0.5 * sum(jnp.sum(s**2) for s in states)
         for layer, below, above in zip(params[:self.num_states], rhos[:-1], rhos[1:],
                                        strict=True):
@@ -250,16 +304,23 @@ class HopfieldNetwork(EnergyNetwork):
 
 
 def hopfield(sizes: tuple[int, ...] | list[int], activation: str = "hard_sigmoid", *,
-             free_steps: int = 40, step_size: float = 0.5, tol: float | None = None,
-             readout: bool = False) -> HopfieldNetwork:
+             free_steps: int = 40, step_size: float | None = None, tol: float | None = None,
+             readout: bool = False, dynamics: str = "descent") -> HopfieldNetwork:
     """A layered Hopfield network (`HopfieldNetwork`) for equilibrium propagation (Scellier &
     Bengio 2017, "Equilibrium propagation: bridging the gap between energy-based models and
     backpropagation"). ``readout=True``: the last size is Laborieux et al.'s (2021) readout
     outside the energy, for ``equilibrium_propagation(cost="cross_entropy")``.
+    ``dynamics="prototypical"``: Ernoult et al.'s (2019) discrete-time ``s <- rho(dPhi/ds)``
+    (Laborieux et al.'s code; e.g. with ``activation="steep_sigmoid"``, their ``my_sigmoid``).
+    ``step_size`` defaults to 0.5 for descent and 1.0 (the plain fixed-point iteration) for
+    prototypical dynamics.
 
     Example:
       >>> net = fbalign.models.hopfield((64, 128, 10), free_steps=40, step_size=0.5)
       >>> fbalign.train.fit(net, fbalign.rules.equilibrium_propagation(beta=0.5), opt, data,
       ...                   loss="squared_error")
     """
-    return HopfieldNetwork(tuple(sizes), activation, free_steps, step_size, tol, readout)
+    if step_size is None:
+        step_size = 1.0 if dynamics == "prototypical" else 0.5
+    return HopfieldNetwork(tuple(sizes), activation, free_steps, step_size, tol, readout,
+                           dynamics)

@@ -103,6 +103,8 @@ class ConvHopfieldNetwork(EnergyNetwork):
       activation, free_steps, step_size, tol: as `HopfieldNetwork`.
       readout: the last ``fc`` layer is a readout outside the energy.
       conv_impl: `fbalign.ops.conv_op`'s ``impl`` (``"auto"``: im2col on CPU).
+      dynamics: ``"descent"`` or ``"prototypical"`` (states enter ``E`` unchanged and relax
+        by ``s <- rho(s - eta dE/ds)``; `EnergyNetwork`).
     """
 
     input_shape: tuple[int, int, int]
@@ -118,6 +120,7 @@ class ConvHopfieldNetwork(EnergyNetwork):
     tol: float | None = None
     readout: bool = False
     conv_impl: str = "auto"
+    dynamics: str = "descent"
 
     def __post_init__(self):
         for name in ("input_shape", "channels", "kernels", "strides", "fc"):
@@ -138,7 +141,7 @@ class ConvHopfieldNetwork(EnergyNetwork):
             raise ValueError(f"conv_hopfield: unknown conv_impl {self.conv_impl!r}; valid: "
                              f"{', '.join(CONV_IMPLS)}")
         check_relaxation_options("conv_hopfield", self.activation, self.free_steps,
-                                 self.step_size)
+                                 self.step_size, self.dynamics, self.tol)
         self.map_shapes  # noqa: B018 (validates the maps: kernels fit, pools divide)
 
     @property
@@ -216,7 +219,7 @@ class ConvHopfieldNetwork(EnergyNetwork):
         below = self.prepare_input(x)
         e = 0.5 * sum(jnp.sum(s**2) for s in states)
         for i, (layer, s) in enumerate(zip(params[:self.num_states], states, strict=True)):
-            above = self.rho(s)
+            above = self.activity(s)
             if i < self.num_conv:
                 conv = conv_op(2, strides=self.strides[i], padding=self.paddings[i],
                                impl=self.conv_impl)
@@ -239,10 +242,11 @@ def conv_hopfield(
     activation: str = "hard_sigmoid",
     *,
     free_steps: int = 40,
-    step_size: float = 0.5,
+    step_size: float | None = None,
     tol: float | None = None,
     readout: bool = False,
     conv_impl: str = "auto",
+    dynamics: str = "descent",
 ) -> ConvHopfieldNetwork:
     """A convolutional Hopfield network (`ConvHopfieldNetwork`) for equilibrium propagation,
     with Laborieux et al.'s (2021, "Scaling equilibrium propagation to deep ConvNets by
@@ -262,13 +266,17 @@ def conv_hopfield(
       readout: the last ``fc`` layer is a readout outside the energy (their ``--softmax``),
         for ``equilibrium_propagation(cost="cross_entropy")``.
       conv_impl: ``"auto"``, ``"xla"`` or ``"im2col"`` (`fbalign.ops.conv_op`).
+      dynamics: ``"descent"`` or ``"prototypical"`` (their ``s <- rho(dPhi/ds)``; `hopfield`).
+        ``step_size`` defaults to 0.5 for descent, 1.0 for prototypical dynamics.
 
     Example (Laborieux et al.'s MNIST ConvNet, 28x28x1 -> 32c5 m -> 64c5 m -> 10):
       >>> net = conv_hopfield((28, 28, 1), (32, 64), 5, pools="mm", fc=(10,))
     """
     n = len(tuple(channels))
+    if step_size is None:
+        step_size = 1.0 if dynamics == "prototypical" else 0.5
     return ConvHopfieldNetwork(
         tuple(input_shape), tuple(channels), _per_layer("kernels", kernels, n),
         _per_layer("strides", strides, n), _per_layer("paddings", paddings, n),
         _per_layer("pools", pools, n), tuple(fc), activation, free_steps, step_size, tol,
-        readout, conv_impl)
+        readout, conv_impl, dynamics)

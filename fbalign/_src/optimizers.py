@@ -136,6 +136,54 @@ def signum(learning_rate: float | optax.Schedule,
     return optax.signum(learning_rate, beta=momentum)
 
 
+def scale_by_layer(scales: tuple[float, ...] | list[float]) -> optax.GradientTransformation:
+    r"""Per-layer learning rates: multiplies layer ``l``'s updates by ``scales[l]``.
+
+    Chained after an optimizer, ``optax.chain(opt(lr), scale_by_layer(s))`` trains layer ``l``
+    at rate ``lr * s_l`` (the schedule's too): exactly so for SGD, momentum, Adam, RMSProp and
+    weight decay added before them, whose updates are proportional to the rate,
+
+    .. math:: \Delta\theta_l = s_l\, u_l(\text{lr}) = u_l(s_l \cdot \text{lr}).
+
+    Scellier & Bengio (2017) train each layer of their Hopfield networks at its own rate (e.g.
+    0.4, 0.1, 0.01); Laborieux et al.'s (2021) ``--lrs`` is the same (PyTorch param groups).
+
+    Args:
+      scales: one positive factor per layer; the params (and updates) must be a list or tuple
+        of that many layers (fbalign's MLPs, LeNet-5 and Hopfield networks are).
+
+    Raises:
+      ValueError: at ``init`` (once), naming the number of layers, when the params are not a
+        sequence of ``len(scales)`` layers.
+    """
+    scales = tuple(scales)
+    if not scales:
+        raise ValueError("scale_by_layer: needs one scale per layer, got none")
+    for v in scales:
+        _positive("each scale", "scale_by_layer", v)
+
+    def check(tree: Any, what: str) -> None:
+        if not isinstance(tree, (list, tuple)) or len(tree) != len(scales):
+            got = (f"{len(tree)} layers" if isinstance(tree, (list, tuple))
+                   else f"a {type(tree).__name__}")
+            raise ValueError(f"scale_by_layer: {len(scales)} scales (one per layer) for {what} "
+                             f"of {got}; give one scale per layer of the model")
+
+    def init_fn(params: Params) -> optax.EmptyState:
+        check(params, "params")
+        return optax.EmptyState()
+
+    def update_fn(updates: Params, state: optax.EmptyState,
+                  params: Params = None) -> tuple[Params, optax.EmptyState]:
+        del params
+        check(updates, "updates")
+        scaled = [jax.tree.map(lambda u, f=f: (f * u).astype(u.dtype), layer)
+                  for f, layer in zip(scales, updates, strict=True)]
+        return type(updates)(scaled), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 LR_SCHEDULES = ("constant", "cosine", "exponential", "step")
 
 

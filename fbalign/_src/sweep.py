@@ -816,7 +816,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     loss = args.loss or ("cross_entropy" if data.num_classes else "squared_error")
     model = cli.build_model(args.model, data.input_dim, data.output_dim, hidden,
-                            args.activation, args.output_activation)
+                            args.activation, args.output_activation,
+                            **cli.hopfield_options(args))
     spec = argparse.Namespace(**vars(args))
     spec.out = args.out or str(Path("runs") / f"sweep-{args.rule}-{args.dataset}-"
                                                f"{time.strftime('%Y%m%d-%H%M%S')}")
