@@ -348,6 +348,12 @@ def test_cli_hopfield_options_build_the_network_the_rule_trains(tmp_path, capsys
                       **hopfield_options(cfg))
     assert (net.dynamics, net.readout, net.free_steps, net.step_size) == (
         "prototypical", True, 6, 1.0), net
+    out = tmp_path / "persistent"  # fbalign train sizes the persistent particles itself
+    assert main(["train", "--rule", "ep", "--model", "hopfield", "--dataset", "digits",
+                 "--hidden", "16", "--rule-arg", "persistent=true", "--rule-arg", "free_steps=5",
+                 "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())["rule_args"]
+    assert saved["num_examples"] == len(fb.data.load_dataset("digits").x_train)
     cfg.hopfield_free_steps = 9  # --hopfield-free-steps sets the prediction's free phase first
     assert build_model("hopfield", 64, 10, (16,), "steep_sigmoid", "linear",
                        **hopfield_options(cfg)).free_steps == 9
@@ -355,3 +361,46 @@ def test_cli_hopfield_options_build_the_network_the_rule_trains(tmp_path, capsys
     assert main(["train", "--rule", "bp", "--hopfield-dynamics", "prototypical", "--epochs", "1",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "--hopfield-dynamics: an option of --model hopfield" in capsys.readouterr().err
+
+
+def test_persistent_particles_start_each_free_phase_from_the_examples_last_fixed_point():
+    """Scellier & Bengio's persistent particles: with the weights held, visiting an example k
+    times with T free steps each leaves its stored state at the free phase of kT steps from
+    zero; an unseen example starts from zero; the rows of other examples stay untouched."""
+    net, params, x, y = _problem((5, 6, 4, 3), "sigmoid", batch=4, scale=2.0, step_size=0.2)
+    rule = equilibrium_propagation(beta=0.5, nudged_steps=2, free_steps=3, persistent=True,
+                                   num_examples=7)
+    state = rule.init(jax.random.PRNGKey(0), params, net)
+    assert [s.shape for s in state.states] == [(7, 6), (7, 4), (7, 3)]
+    key, ctx = jax.random.PRNGKey(3), StepContext(net, fb.squared_error)
+    step = jax.jit(lambda st, xb, yb, i: rule.step(params, st, Batch(xb, yb, i), key, ctx)[1])
+    first = jnp.array([5, 1])
+    state = step(state, x[:2], y[:2], first)
+    state = step(state, x[:2], y[:2], first)
+    state = step(state, x[1:3], y[1:3], jnp.array([1, 2]))  # example 1 again; 2 is new
+    free = lambda xb, t: net.free_phase(params, xb, steps=t).state
+    for layer, (six, three, nine) in enumerate(zip(free(x[:1], 6), free(x[2:3], 3),
+                                                   free(x[1:2], 9), strict=True)):
+        got = np.asarray(state.states[layer])
+        np.testing.assert_allclose(got[5], np.asarray(six)[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[2], np.asarray(three)[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[1], np.asarray(nine)[0], rtol=1e-5, atol=1e-6)
+        assert not np.any(got[[0, 3, 4, 6]])
+    # the free phase had not converged in 3 steps, so reading the stored state matters
+    assert not np.allclose(np.asarray(free(x[1:2], 9)[0]), np.asarray(free(x[1:2], 3)[0]),
+                           atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(state.seen), [0, 1, 1, 0, 0, 1, 0])
+
+
+def test_persistent_particles_refuse_what_they_cannot_do():
+    net, params, x, y = _problem((5, 6, 3))
+    with pytest.raises(ValueError, match="num_examples must be a positive integer"):
+        equilibrium_propagation(persistent=True, num_examples=0)
+    rule = equilibrium_propagation(persistent=True)
+    with pytest.raises(ValueError, match="needs num_examples"):
+        rule.init(jax.random.PRNGKey(0), params, net)
+    rule = equilibrium_propagation(persistent=True, num_examples=4)
+    state = rule.init(jax.random.PRNGKey(0), params, net)
+    with pytest.raises(ValueError, match="needs batch.index"):
+        rule.step(params, state, Batch(x, y), jax.random.PRNGKey(0),
+                  StepContext(net, fb.squared_error))

@@ -802,6 +802,8 @@ def cmd_train(args) -> int:
     data = _load_train_data(args)
     if args.rule == "admm" and not resuming:
         _admm_run_defaults(args, len(data.x_train))
+    if args.rule == "ep" and args.rule_args.get("persistent") and not resuming:
+        args.rule_args.setdefault("num_examples", len(data.x_train))
     loss = args.loss or ("cross_entropy" if data.num_classes else "squared_error")
     activation = args.activation
     if args.model == "hopfield" and "activation" not in (getattr(args, "given_options", None)

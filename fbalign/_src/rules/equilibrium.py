@@ -10,7 +10,7 @@ nudging, random sign of beta).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,55 @@ from fbalign._src.relax import RelaxResult
 
 NUDGINGS = ("one_sided", "symmetric")
 COSTS = ("squared", "cross_entropy")
+
+
+class PersistentParticles(NamedTuple):
+    """Each training example's last free fixed point (Scellier & Bengio 2017's "persistent
+    particles"), rows indexed by ``Batch.index``.
+
+    Attributes:
+      states: one ``(num_examples, *state_shape)`` array per free state layer.
+      seen: ``(num_examples,)`` bool: whether the example's fixed point is stored (an unseen
+        example's free phase starts from zero).
+    """
+
+    states: tuple[Array, ...]
+    seen: Array
+
+
+def _particles(net: EnergyNetwork, params: Params, num_examples: int) -> PersistentParticles:
+    dtype = params[0]["w"].dtype
+    zeros = net.zero_states(jnp.zeros((num_examples, 1), dtype), dtype)
+    return PersistentParticles(tuple(zeros), jnp.zeros((num_examples,), bool))
+
+
+def _particle_start(state: PersistentParticles, index: Array) -> list[Array]:
+    """The stored fixed points of the batch's examples (zeros for unseen ones)."""
+    seen = state.seen[index]
+    return [jnp.where(seen.reshape(-1, *([1] * (s.ndim - 1))), s[index], 0.0).astype(s.dtype)
+            for s in state.states]
+
+
+def _particle_store(state: PersistentParticles, index: Array,
+                    s_star: list[Array]) -> PersistentParticles:
+    return PersistentParticles(
+        tuple(all_.at[index].set(s.astype(all_.dtype)) for all_, s in zip(state.states, s_star,
+                                                                          strict=True)),
+        state.seen.at[index].set(True))
+
+
+def _check_persistent(batch: Batch, context: StepContext) -> Array:
+    if batch.index is None:
+        raise ValueError("equilibrium_propagation(persistent=True) keeps each example's fixed "
+                         "point and needs batch.index (the examples' positions in the training "
+                         "set): fbalign.train.fit passes it; with make_train_step call "
+                         "step(state, x, y, index), or pass Batch(x, y, index) to rule.step")
+    if context.axis_name is not None:
+        raise NotImplementedError(
+            f"equilibrium_propagation(persistent=True) under data parallelism (axis_name="
+            f"{context.axis_name!r}) is not supported: its per-example states live on one "
+            "device; train without devices=/axis_name, or with persistent=False")
+    return batch.index
 
 
 def ep_targets(y: Array, output: Array) -> Array:
@@ -96,6 +145,16 @@ def total_param_grads(net: EnergyNetwork, params: Params, x: Array, y: Array,
     return jax.tree.map(lambda a, c: a + strength * c / x.shape[0], g, gc)
 
 
+def _validate_persistent(persistent: bool, num_examples: int | None) -> None:
+    if not isinstance(persistent, bool):
+        raise TypeError(f"equilibrium_propagation: persistent must be True or False, got "
+                        f"{persistent!r}")
+    if num_examples is not None and (isinstance(num_examples, bool)
+                                     or not isinstance(num_examples, int) or num_examples < 1):
+        raise ValueError(f"equilibrium_propagation: num_examples must be a positive integer "
+                         f"(the training set's size), got {num_examples!r}")
+
+
 def _validate(beta: float, nudged_steps: int, nudging: str, cost: str) -> None:
     if not isinstance(beta, (int, float)) or isinstance(beta, bool) or beta == 0 \
             or beta != beta:
@@ -117,6 +176,8 @@ def equilibrium_propagation(
     random_sign: bool = False,
     cost: Literal["squared", "cross_entropy"] = "squared",
     tol: float | None = None,
+    persistent: bool = False,
+    num_examples: int | None = None,
 ) -> LearningRule:
     r"""Equilibrium propagation (Scellier & Bengio 2017) on a `HopfieldNetwork` or a
     convolutional ``ConvHopfieldNetwork`` (Laborieux et al. 2021).
@@ -166,27 +227,51 @@ def equilibrium_propagation(
       cost: ``"squared"`` or ``"cross_entropy"`` (see above).
       tol: stop each relaxation once ``max |dF/ds| < tol`` (None: the network's ``tol`` for
         the free phase, fixed step counts for the nudged ones).
+      persistent: Scellier & Bengio's (2017) persistent particles: each training example's free
+        phase starts from its own last free fixed point (stored in the rule state,
+        `PersistentParticles`, and read at ``Batch.index``), so a few free steps a visit suffice
+        once the weights change slowly; unseen examples start from zero. Predictions on other
+        data still run the network's free phase from zero (``apply``; give it enough steps).
+        Not under data parallelism.
+      num_examples: the training set's size (rows of the stored states); required with
+        ``persistent`` (checked at ``init``; ``fbalign train`` sets it). Memory: ``num_examples
+        * sum(state sizes)`` numbers.
 
     Returns:
-      A `LearningRule` (name ``"equilibrium_propagation"``, `EmptyState`). Its metrics:
+      A `LearningRule` (name ``"equilibrium_propagation"``; state `EmptyState`, or
+      `PersistentParticles` with ``persistent``). Its metrics:
       ``ep_energy_free`` (free energy per example), ``ep_steps_free``, ``ep_steps_nudged``
       (summed over the nudged phases) and ``ep_diverged`` (1 when a relaxation diverged).
     """
     _validate(beta, nudged_steps, nudging, cost)
+    _validate_persistent(persistent, num_examples)
 
-    def init_fn(key: PRNGKey, params: Params, network: Any = None) -> EmptyState:
-        del key, params
+    def init_fn(key: PRNGKey, params: Params,
+                network: Any = None) -> EmptyState | PersistentParticles:
+        del key
         if network is not None:
             require_readout_cost(require_hopfield(network), cost)
-        return EmptyState()
+        if not persistent:
+            return EmptyState()
+        if network is None or num_examples is None:
+            raise ValueError("equilibrium_propagation(persistent=True) needs num_examples (the "
+                             "training set's size: one stored state per example; fbalign train "
+                             "sets it) and the network at init (rule.init(key, params, "
+                             "network)), to shape the stored states")
+        return _particles(require_hopfield(network), params, num_examples)
 
-    def step_fn(params: Params, state: EmptyState, batch: Batch, key: PRNGKey,
-                context: StepContext) -> tuple[Updates, EmptyState, StepOutput]:
+    def step_fn(params: Params, state: Any, batch: Batch, key: PRNGKey,
+                context: StepContext) -> tuple[Updates, Any, StepOutput]:
         net = require_hopfield(context.network)
         require_readout_cost(net, cost)
         x, y = batch.x, batch.y
-        free = net.free_phase(params, x, steps=free_steps, step_size=step_size, tol=tol)
+        index = _check_persistent(batch, context) if persistent else None
+        start = None if index is None else _particle_start(state, index)
+        free = net.free_phase(params, x, init=start, steps=free_steps, step_size=step_size,
+                              tol=tol)
         s_star = jax.lax.stop_gradient(free.state)
+        if index is not None:
+            state = _particle_store(state, index, s_star)
         dtype = s_star[-1].dtype
         b = jnp.asarray(beta, dtype)
         if random_sign:
