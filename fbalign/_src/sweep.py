@@ -817,7 +817,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     loss = args.loss or ("cross_entropy" if data.num_classes else "squared_error")
     model = cli.build_model(args.model, data.input_dim, data.output_dim, hidden,
                             args.activation, args.output_activation,
-                            **cli.hopfield_options(args))
+                            **cli.hopfield_options(argparse.Namespace(**vars(args),
+                                                                      rule_args=rule_kwargs)))
     spec = argparse.Namespace(**vars(args))
     spec.out = args.out or str(Path("runs") / f"sweep-{args.rule}-{args.dataset}-"
                                                f"{time.strftime('%Y%m%d-%H%M%S')}")
