@@ -403,9 +403,12 @@ def _standard_step(params: Params, acts: Sequence[Activation], batch: Batch,
     e_end, grads = jax.value_and_grad(
         lambda p: pc_energy(p, acts, pre, z, y, loss, gamma))(params)
     updates = jax.tree.map(lambda g: g / (gamma * n), grads)
-    metrics = {"pc_energy": e_end / n, "pc_energy_start": energy(start) / n,
+    # at the feedforward start every hidden error is zero, so the start's energy is the output
+    # term alone, gamma N L(h_L, y): no forward pass of its own
+    out_loss = loss(outs[-1], y)
+    metrics = {"pc_energy": e_end / n, "pc_energy_start": gamma * out_loss,
                "pc_steps": res.steps.astype(e_end.dtype)}
-    return updates, StepOutput(loss(outs[-1], y), outs[-1], metrics)
+    return updates, StepOutput(out_loss, outs[-1], metrics)
 
 
 def _relaxed_step(params: Params, state: PredictiveCodingState, acts: Sequence[Activation],
