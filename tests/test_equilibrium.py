@@ -352,8 +352,10 @@ def test_cli_hopfield_options_build_the_network_the_rule_trains(tmp_path, capsys
     assert main(["train", "--rule", "ep", "--model", "hopfield", "--dataset", "digits",
                  "--hidden", "16", "--rule-arg", "persistent=true", "--rule-arg", "free_steps=5",
                  "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
-    saved = json.loads((out / "config.json").read_text())["rule_args"]
-    assert saved["num_examples"] == len(fb.data.load_dataset("digits").x_train)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["rule_args"]["num_examples"] == len(fb.data.load_dataset("digits").x_train)
+    # the run's loss is the cost ep nudges with (squared), not classification's cross-entropy
+    assert saved["loss"] == "squared_error"
     cfg.hopfield_free_steps = 9  # --hopfield-free-steps sets the prediction's free phase first
     assert build_model("hopfield", 64, 10, (16,), "steep_sigmoid", "linear",
                        **hopfield_options(cfg)).free_steps == 9
@@ -361,6 +363,9 @@ def test_cli_hopfield_options_build_the_network_the_rule_trains(tmp_path, capsys
     assert main(["train", "--rule", "bp", "--hopfield-dynamics", "prototypical", "--epochs", "1",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "--hopfield-dynamics: an option of --model hopfield" in capsys.readouterr().err
+    assert main(["train", "--rule", "ep", "--model", "hopfield", "--loss", "cross_entropy",
+                 "--epochs", "1", "--out", str(tmp_path / "bad2")]) == 2
+    assert "--loss cross_entropy is not the cost --rule ep nudges with" in capsys.readouterr().err
 
 
 def test_persistent_particles_start_each_free_phase_from_the_examples_last_fixed_point():

@@ -797,6 +797,7 @@ def cmd_train(args) -> int:
     else:
         _set_rule_args(args)
         _apply_rule_defaults(args)
+        _pair_ep_loss(args)
     devices = _check_devices(args)
     primary = jax.process_index() == 0  # only process 0 writes the run directory
     data = _load_train_data(args)
@@ -1057,6 +1058,35 @@ def _apply_rule_defaults(args) -> None:
                          f"--{k.replace('_', '-')} {v}" for k, v in chosen.items())
         print(f"fbalign: --rule {args.rule} defaults to {flags} (give an option to override)",
               file=sys.stderr)
+
+
+_EP_LOSS = {"squared": "squared_error", "cross_entropy": "cross_entropy"}
+
+
+def ep_loss(cost: str, loss: str | None) -> str:
+    """The run loss of ``--rule ep`` nudging with ``cost``: the matching loss when ``loss`` is
+    None, else ``loss`` if it matches; a usage error otherwise (a classification run would
+    report the cross-entropy of states trained on the squared error)."""
+    want = _EP_LOSS.get(cost, loss)  # an unknown cost: the rule refuses it by name
+    if loss is not None and loss != want:
+        raise UsageError(f"--loss {loss} is not the cost --rule ep nudges with (cost={cost}, "
+                         f"i.e. --loss {want}); ep nudges with --rule-arg cost=squared (--loss "
+                         f"squared_error) or cost=cross_entropy (--loss cross_entropy)")
+    return want
+
+
+def _pair_ep_loss(args) -> None:
+    """``--rule ep``'s run loss (reported, and what the test error reads) follows its cost
+    unless --loss is given (`ep_loss`), and says so on stderr."""
+    if args.rule != "ep":
+        return
+    cost = args.rule_args.get("cost", "squared")
+    given = "loss" in (getattr(args, "given_options", None) or set())
+    want = ep_loss(cost, args.loss if given else None)
+    if want is not None and not given and args.loss != want:
+        args.loss = want
+        print(f"fbalign: --rule ep defaults to --loss {want} (the cost it nudges with, "
+              f"cost={cost})", file=sys.stderr)
 
 
 def _write_config(args, out: Path, loss: str, data) -> None:

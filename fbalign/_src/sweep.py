@@ -815,6 +815,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     loss = args.loss or ("cross_entropy" if data.num_classes else "squared_error")
+    if args.rule == "ep":  # the loss ep nudges with (its cost), as fbalign train sets it
+        loss = cli.ep_loss(rule_kwargs.get("cost", "squared"), args.loss)
     model = cli.build_model(args.model, data.input_dim, data.output_dim, hidden,
                             args.activation, args.output_activation,
                             **cli.hopfield_options(argparse.Namespace(**vars(args),
