@@ -36,7 +36,7 @@ from fbalign._src.rules.activation_relaxation import (
     activation_relaxation,
 )
 from fbalign._src.rules.backprop import backprop
-from fbalign._src.rules.equilibrium import equilibrium_propagation
+from fbalign._src.rules.equilibrium import PersistentParticles, equilibrium_propagation
 from fbalign._src.rules.feedback_alignment import (
     DirectFeedbackAlignmentState,
     FeedbackAlignmentState,
@@ -66,6 +66,7 @@ __all__ = [
     "PredictiveCodingState",
     "activation_relaxation",
     "equilibrium_propagation",
+    "PersistentParticles",
     "predictive_coding",
     "RelaxResult",
     "RelaxationError",
