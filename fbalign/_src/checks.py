@@ -30,6 +30,15 @@ def check_number(rule: str, option: str, value: Any, *, low: float | None = None
         raise ValueError(f"{rule}: {option} must be {want} (and finite), got {value!r}")
 
 
+def check_count(rule: str, option: str, value: Any, meaning: str) -> None:
+    """Raises ``ValueError("<rule>: <option> must be a positive integer (<meaning>), got ...")``
+    unless ``value`` is None or a positive int (bools refused)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 1):
+        raise ValueError(f"{rule}: {option} must be a positive integer ({meaning}), got "
+                         f"{value!r}")
+
+
 def check_choice(rule: str, option: str, value: Any, valid: Any) -> None:
     """Raises ``ValueError("<rule>: unknown <option> <value>; valid: ...")`` unless ``value`` is
     one of ``valid`` (a sequence or mapping of names)."""

@@ -23,7 +23,7 @@ from fbalign._src.base import (
     StepOutput,
     Updates,
 )
-from fbalign._src.checks import check_choice
+from fbalign._src.checks import check_choice, check_count
 from fbalign._src.linalg import pinv, solve_spd
 from fbalign._src.losses import binary_hinge, cross_entropy, squared_error
 from fbalign._src.models import require_mlp
@@ -193,11 +193,8 @@ def _check_options(beta: float, gamma: float, num_examples: int, output_loss: st
     for opt, v in (("beta", beta), ("gamma", gamma)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ValueError(f"admm: {opt} must be a positive number, got {v!r}")
-    if num_examples is not None and (isinstance(num_examples, bool)
-                                     or not isinstance(num_examples, int) or num_examples < 1):
-        raise ValueError(f"admm: num_examples must be a positive integer (the training set's "
-                         f"size: the per-example variables have that many rows), got "
-                         f"{num_examples!r}")
+    check_count("admm", "num_examples", num_examples,
+                "the training set's size: the per-example variables have that many rows")
     check_choice("admm", "output_loss", output_loss, OUTPUT_LOSSES)
     check_choice("admm", "weight_solve", weight_solve, WEIGHT_SOLVES)
     if isinstance(warm_start, bool) or not isinstance(warm_start, int) or warm_start < 0:

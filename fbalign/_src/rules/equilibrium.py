@@ -26,7 +26,7 @@ from fbalign._src.base import (
     StepOutput,
     Updates,
 )
-from fbalign._src.checks import check_choice
+from fbalign._src.checks import check_choice, check_count
 from fbalign._src.hopfield import EnergyNetwork
 from fbalign._src.relax import RelaxResult
 
@@ -149,10 +149,8 @@ def _validate_persistent(persistent: bool, num_examples: int | None) -> None:
     if not isinstance(persistent, bool):
         raise TypeError(f"equilibrium_propagation: persistent must be True or False, got "
                         f"{persistent!r}")
-    if num_examples is not None and (isinstance(num_examples, bool)
-                                     or not isinstance(num_examples, int) or num_examples < 1):
-        raise ValueError(f"equilibrium_propagation: num_examples must be a positive integer "
-                         f"(the training set's size), got {num_examples!r}")
+    check_count("equilibrium_propagation", "num_examples", num_examples,
+                "the training set's size")
 
 
 def _validate(beta: float, nudged_steps: int, nudging: str, cost: str) -> None:
