@@ -21,6 +21,7 @@ import optax
 
 from fbalign._src.activations import get_activation
 from fbalign._src.base import Array, Params, PRNGKey
+from fbalign._src.checks import check_choice
 from fbalign._src.relax import RelaxResult, relax
 
 
@@ -69,8 +70,6 @@ def projected_sgd(step_size: float, low: float = 0.0,
     hard-sigmoid network to ``[0, 1]`` after every step; at ``step_size = 1`` the step is
     ``s_l <- rho(drive_l)``, Laborieux et al.'s (2021) fixed-point iteration (all layers at
     once)."""
-    if not step_size > 0:
-        raise ValueError(f"projected_sgd: step_size must be positive, got {step_size}")
     return squashed_sgd(step_size, lambda s: jnp.clip(s, low, high))
 
 
@@ -190,8 +189,7 @@ def check_relaxation_options(where: str, activation: str, free_steps: int,
     ``dynamics``, a ``free_steps`` that is not a positive int, a non-positive ``step_size``, or
     a ``tol`` with prototypical dynamics."""
     hopfield_activation(activation)
-    if dynamics not in DYNAMICS:
-        raise ValueError(f"{where}: unknown dynamics {dynamics!r}; valid: {', '.join(DYNAMICS)}")
+    check_choice(where, "dynamics", dynamics, DYNAMICS)
     if dynamics == "prototypical" and tol is not None:
         raise ValueError(f"{where}: {_PROTOTYPICAL_TOL}")
     if isinstance(free_steps, bool) or not isinstance(free_steps, int) or free_steps < 1:
